@@ -1,0 +1,132 @@
+"""The one DataModule: registry entries -> mixed training stream + whole-image evaluation sets.
+
+``data.dataset`` maps entry names to ``_target_`` configs (``conf/data/dataset/``), in list
+order; ``data.ratios`` pairs with them (``null`` = 1.0 each). Training draws
+``int(data.samples * ratio)`` items per entry per epoch (:class:`MixedEpochSampler`);
+validation and test use the first entry with ``split=val`` / ``split=test``, unaugmented and
+whole (the evaluator slides a window over them). Every dataset is built, and its first item
+checked against the sample contract, when the DataModule is created, so configuration
+mistakes surface before any training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
+
+from stedm.data.contract import check_sample
+from stedm.data.sampler import MixedEpochSampler, epoch_counts
+from stedm.data.style import StyleSampler, check_compatible
+from stedm.data.transforms import train_transform
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Default collation over the keys every sample has (``style``/``instances`` are optional)."""
+    keys = set(samples[0]).intersection(*samples[1:])
+    return {k: default_collate([s[k] for s in samples]) for k in samples[0] if k in keys}
+
+
+def entry_ratios(data: DictConfig) -> list[float]:
+    names = list(data.dataset.keys())
+    if not names:
+        raise ValueError("no dataset entries: choose some with data/dataset=[entry,...]")
+    ratios = data.get("ratios")
+    if ratios is None:
+        return [1.0] * len(names)
+    ratios = list(ratios)
+    if len(ratios) != len(names):
+        raise ValueError(f"data.ratios has {len(ratios)} values but data/dataset lists {len(names)} entries "
+                         f"{names}; give one ratio per entry, in the same order")
+    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise ValueError(f"data.ratios={ratios} must be non-negative with a positive sum")
+    return [float(r) for r in ratios]
+
+
+def build_dataset(data: DictConfig, name: str, split: str, transform=None, style_sampler=None) -> Dataset:
+    """Instantiate registry entry ``name`` for ``split``; errors name the entry."""
+    entry = data.dataset[name]
+    if entry is None or "_target_" not in entry:
+        raise ValueError(f"data.dataset.{name} has no _target_; entries live in conf/data/dataset/{name}.yaml")
+    dataset = instantiate(entry, name=name, split=split, num_classes=data.num_classes,
+                          transform=transform, style_sampler=style_sampler, _convert_="all")
+    if len(dataset) == 0:
+        raise ValueError(f"dataset entry '{name}' (split {split}) is empty; check its paths and filters")
+    if style_sampler is not None:
+        check_compatible(style_sampler, dataset, name)
+    check_sample(dataset[0], data.num_classes)
+    return dataset
+
+
+class StedmDataModule(pl.LightningDataModule):
+    """Loaders for every stage. ``eval_splits`` picks which of val/test are built."""
+
+    def __init__(self, data: DictConfig, batch_size: int, num_workers: int = 0, seed: int = 0,
+                 style_sampler: StyleSampler | None = None, eval_splits: Sequence[str] = ("val", "test"),
+                 pin_memory: bool = False) -> None:
+        super().__init__()
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.pin_memory = pin_memory
+        self.style_sampler = style_sampler
+        self.names = list(data.dataset.keys())
+        self.ratios = entry_ratios(data)
+        augment = OmegaConf.to_container(data.get("augment") or {}, resolve=True)
+        transform = train_transform(int(data.patch_size), **augment)
+        self.train_sets = [build_dataset(data, n, "train", transform, style_sampler) for n in self.names]
+        self.eval_sets = {s: build_dataset(data, self.names[0], s) for s in eval_splits}
+        self.sampler: MixedEpochSampler | None = None
+        self._pending_state: dict | None = None
+
+    # -- training stream ------------------------------------------------------------------------
+    def epoch_mix(self) -> dict[str, int]:
+        """Items each entry contributes per epoch."""
+        return dict(zip(self.names, epoch_counts(int(self.data.samples), self.ratios)))
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        self.sampler = MixedEpochSampler([len(d) for d in self.train_sets], self.ratios, int(self.data.samples),
+                                         seed=self.seed, rank=rank, world_size=world)
+        if self._pending_state is not None:
+            self.sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return DataLoader(ConcatDataset(self.train_sets), batch_size=self.batch_size, sampler=self.sampler,
+                          num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
+                          drop_last=True, persistent_workers=self.num_workers > 0)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _eval_loader(self, split: str) -> DataLoader:
+        if split not in self.eval_sets:
+            raise RuntimeError(f"no {split} data was built; pass eval_splits including '{split}'")
+        # Whole images of varying size: one unit per batch. Each rank takes every world-th unit,
+        # without the padding duplicates a DistributedSampler would add to the metrics.
+        rank, world = self._rank_world()
+        units = list(range(rank, len(self.eval_sets[split]), world))
+        return DataLoader(self.eval_sets[split], batch_size=1, sampler=units, num_workers=self.num_workers,
+                          collate_fn=collate, pin_memory=self.pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    # -- resumable position ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self.sampler is None or self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"sampler": self.sampler.state_dict(consumed=loop.completed * self.batch_size)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending_state = state.get("sampler")

@@ -1,0 +1,204 @@
+"""What every entry script shares: paths, seeding, hardware checks, batch/lr scaling, Trainer.
+
+Batch size and learning rate are computed here and nowhere else:
+``batch = data.batch_base x location.batch_mul`` (per process) and
+``lr = base_lr x batch x world_size`` unless ``lr`` is given (SPEC §1; gradient accumulation
+is deliberately not part of the scaling, as in the paper).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+# -- hardware ----------------------------------------------------------------------------------
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: the CPUs on which bf16 matmuls beat fp32 (elsewhere they are far slower)."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def uses_cuda(location: DictConfig) -> bool:
+    return location.accelerator in ("gpu", "cuda") or (location.accelerator == "auto" and torch.cuda.is_available())
+
+
+def resolve_precision(location: DictConfig) -> str:
+    """``auto`` -> bf16-mixed where the hardware runs it fast, else 32-true."""
+    if location.precision != "auto":
+        return str(location.precision)
+    if uses_cuda(location):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def resolve_devices(location: DictConfig) -> int:
+    """Processes per node; refuses a location that asks for more GPUs than there are."""
+    devices = location.devices
+    if uses_cuda(location):
+        available = torch.cuda.device_count()
+        wanted = available if devices == "auto" else (len(devices) if not isinstance(devices, int) else devices)
+        if wanted < 1 or wanted > available:
+            raise RuntimeError(
+                f"location.devices={devices} (location={location.name}) asks for {wanted} GPU(s) but this "
+                f"machine has {available}; use location=local or set location.devices")
+        return wanted
+    return 1 if devices == "auto" else int(devices if isinstance(devices, int) else len(devices))
+
+
+def resolve_num_workers(location: DictConfig) -> int:
+    if location.num_workers != "auto":
+        return int(location.num_workers)
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if uses_cuda(location) else 0
+
+
+# -- run context -------------------------------------------------------------------------------
+@dataclass
+class RunContext:
+    run_dir: Path
+    checkpoint_dir: Path
+    devices: int
+    world_size: int
+    batch_size: int
+    lr: float | None
+    precision: str
+    num_workers: int
+
+
+def batch_size(cfg: DictConfig) -> int:
+    return int(cfg.data.batch_base) * int(cfg.location.batch_mul)
+
+
+def learning_rate(cfg: DictConfig, batch: int, world_size: int) -> float | None:
+    if cfg.get("lr") is not None:
+        return float(cfg.lr)
+    if cfg.get("base_lr") is None:
+        return None
+    return float(cfg.base_lr) * batch * world_size
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """Hydra's run directory, or the same layout when called outside a Hydra app (tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    path = Path(cfg.location.result_dir) / "runs" / cfg.task / cfg.run_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def prepare(cfg: DictConfig) -> RunContext:
+    """Validate the location, seed everything, and compute the run's derived settings."""
+    devices = resolve_devices(cfg.location)
+    world = devices * int(cfg.location.num_nodes)
+    batch = batch_size(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    if uses_cuda(cfg.location):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the paper
+    directory = run_dir(cfg)
+    ctx = RunContext(run_dir=directory,
+                     checkpoint_dir=Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name,
+                     devices=devices, world_size=world, batch_size=batch,
+                     lr=learning_rate(cfg, batch, world), precision=resolve_precision(cfg.location),
+                     num_workers=resolve_num_workers(cfg.location))
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        (directory / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run %s: dir %s, %d process(es), batch %d/process, lr %s, precision %s",
+             cfg.run_name, directory, world, batch, ctx.lr, ctx.precision)
+    return ctx
+
+
+def resume_checkpoint(cfg: DictConfig, ctx: RunContext) -> str | None:
+    """The checkpoint to continue from, per ``cfg.resume``; never silently overwrite a run."""
+    resume = cfg.get("resume", "auto")
+    last = ctx.checkpoint_dir / "last.ckpt"
+    if resume in (None, False, "false"):
+        if ctx.checkpoint_dir.is_dir() and any(ctx.checkpoint_dir.glob("*.ckpt")):
+            raise FileExistsError(
+                f"{ctx.checkpoint_dir} already holds checkpoints of an earlier run named '{cfg.run_name}'; "
+                "pass resume=auto to continue it, or change seed/run_name to start another")
+        return None
+    if resume == "auto":
+        return str(last) if last.is_file() else None
+    path = Path(str(resume))
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint")
+    return str(path)
+
+
+# -- trainer -----------------------------------------------------------------------------------
+def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
+    from pytorch_lightning import loggers
+
+    built = []
+    for name in cfg.get("logger") or []:
+        if name == "csv":
+            built.append(loggers.CSVLogger(ctx.run_dir, name="logs", version=""))
+        elif name == "tensorboard":
+            built.append(loggers.TensorBoardLogger(ctx.run_dir, name="tensorboard", version=""))
+        elif name == "wandb":
+            built.append(loggers.WandbLogger(project="stedm", name=cfg.run_name, save_dir=str(ctx.run_dir)))
+        else:
+            raise ValueError(f"logger={name} is unknown; choose from csv, tensorboard, wandb")
+    return built
+
+
+def build_callbacks(cfg: DictConfig, ctx: RunContext) -> list[pl.Callback]:
+    from pytorch_lightning import callbacks
+
+    ckpt = cfg.checkpoint
+    monitor = ckpt.get("monitor")
+    built: list[pl.Callback] = [
+        callbacks.ModelCheckpoint(
+            dirpath=ctx.checkpoint_dir, save_last=True, monitor=monitor, mode=ckpt.mode,
+            save_top_k=int(ckpt.save_top_k) if monitor else 0,
+            filename="best-{epoch:03d}-{step:07d}", auto_insert_metric_name=False,
+            every_n_train_steps=ckpt.get("every_n_train_steps")),
+    ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        built.append(callbacks.TQDMProgressBar(refresh_rate=10))
+    return built
+
+
+def build_trainer(cfg: DictConfig, ctx: RunContext, **overrides: Any) -> pl.Trainer:
+    """The Trainer of every script: location decides hardware, ``trainer.*`` the schedule."""
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    loggers = build_loggers(cfg, ctx)
+    options.update(
+        accelerator=cfg.location.accelerator, devices=ctx.devices, num_nodes=int(cfg.location.num_nodes),
+        strategy=cfg.location.strategy, precision=ctx.precision, default_root_dir=str(ctx.run_dir),
+        logger=loggers or False, callbacks=build_callbacks(cfg, ctx),
+        use_distributed_sampler=False,  # our samplers shard by rank themselves (stedm.data.sampler)
+    )
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
+def maybe_compile(cfg: DictConfig, module: pl.LightningModule) -> pl.LightningModule:
+    mode = cfg.location.get("compile")
+    if not mode:
+        return module
+    return torch.compile(module, mode=None if mode is True or mode == "default" else str(mode))
+
+
+# -- data --------------------------------------------------------------------------------------
+def build_datamodule(cfg: DictConfig, ctx: RunContext, eval_splits=("val", "test"), with_style: bool = True):
+    """The DataModule for this run; the style sampler comes from ``style_sampling`` when asked."""
+    from hydra.utils import instantiate
+
+    from stedm.data.datamodule import StedmDataModule
+
+    sampler = instantiate(cfg.style_sampling.sampler) if with_style and "style_sampling" in cfg else None
+    return StedmDataModule(cfg.data, batch_size=ctx.batch_size, num_workers=ctx.num_workers, seed=int(cfg.seed),
+                           style_sampler=sampler, eval_splits=eval_splits,
+                           pin_memory=uses_cuda(cfg.location))
