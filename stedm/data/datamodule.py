@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
@@ -51,8 +51,12 @@ def build_dataset(data: DictConfig, name: str, split: str, transform=None, style
     entry = data.dataset[name]
     if entry is None or "_target_" not in entry:
         raise ValueError(f"data.dataset.{name} has no _target_; entries live in conf/data/dataset/{name}.yaml")
-    dataset = instantiate(entry, name=name, split=split, num_classes=data.num_classes,
-                          transform=transform, style_sampler=style_sampler, _convert_="all")
+    # Called directly rather than through hydra's instantiate, so the dataset's own error
+    # (naming the file or key) reaches the user unwrapped.
+    kwargs = OmegaConf.to_container(entry, resolve=True)
+    dataset_class = get_class(kwargs.pop("_target_"))
+    dataset = dataset_class(**kwargs, name=name, split=split, num_classes=data.num_classes,
+                            transform=transform, style_sampler=style_sampler)
     if len(dataset) == 0:
         raise ValueError(f"dataset entry '{name}' (split {split}) is empty; check its paths and filters")
     if style_sampler is not None:
