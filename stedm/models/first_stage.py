@@ -1,0 +1,114 @@
+"""First stages: the frozen autoencoders between pixel space and the diffusion latent space."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL, VQModel
+from torch import Tensor, nn
+
+from stedm.models.ldm_convert import ldm_autoencoder_to_diffusers, load_ldm_checkpoint
+from stedm.models.weights import load_strict
+
+#: The LDM vq-f4 autoencoder (3 latent channels, codebook 8192, channels 128/256/512, 2 res blocks
+#: per level, attention only in the middle of encoder and decoder, latent scale factor 1.0).
+VQ_F4_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(128, 256, 512), layers_per_block=2,
+    act_fn="silu", latent_channels=3, num_vq_embeddings=8192, norm_num_groups=32, scaling_factor=1.0,
+    mid_block_add_attention=True,
+)
+
+
+class FirstStage(nn.Module, ABC):
+    """A frozen autoencoder: ``encode(x: B x 3 x H x W in [-1, 1]) -> z: B x latent_channels x
+    H/downsample_factor x W/downsample_factor`` (already multiplied by ``scale_factor``) and
+    ``decode(z) -> x`` (not clipped: the caller clips to [-1, 1]).
+
+    Its parameters never train and it stays in eval mode when a parent module calls ``.train()``.
+    """
+
+    latent_channels: int
+    downsample_factor: int
+    scale_factor: float
+
+    def freeze(self) -> FirstStage:
+        self.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> FirstStage:
+        return super().train(False)
+
+    @abstractmethod
+    def encode(self, x: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def decode(self, z: Tensor) -> Tensor: ...
+
+
+class IdentityFirstStage(FirstStage):
+    """Pixel-space diffusion: the latent is the image itself."""
+
+    latent_channels, downsample_factor, scale_factor = 3, 1, 1.0
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+
+class DiffusersFirstStage(FirstStage):
+    """A diffusers ``VQModel`` or ``AutoencoderKL``. VQ decoding quantizes the latent first; KL
+    encoding samples the posterior (as LDM does for training latents)."""
+
+    def __init__(self, model: VQModel | AutoencoderKL):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.latent_channels = cfg.latent_channels
+        self.downsample_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.scale_factor = float(cfg.scaling_factor)
+        self.freeze()
+
+    def encode(self, x: Tensor) -> Tensor:
+        if isinstance(self.model, VQModel):
+            z = self.model.encode(x).latents
+        else:
+            z = self.model.encode(x).latent_dist.sample()
+        return z * self.scale_factor
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.model.decode(z / self.scale_factor).sample
+
+
+def build_first_stage(kind: str = "identity", weights_path: str | None = None, **kwargs: Any) -> FirstStage:
+    """The first stage ``kind``: ``identity`` | ``vq_f4`` | ``kl``.
+
+    ``kwargs`` override the architecture (``VQModel`` arguments on top of :data:`VQ_F4_CONFIG`
+    for ``vq_f4``, ``AutoencoderKL`` arguments for ``kl``). ``weights_path`` is a local diffusers
+    model folder (its own config then defines the architecture) or an original LDM checkpoint
+    file (autoencoder or full model), converted on load.
+    """
+    if kind == "identity":
+        if weights_path is not None or kwargs:
+            raise ValueError("first stage 'identity' takes no weights_path and no architecture arguments")
+        return IdentityFirstStage()
+    model_cls = {"vq_f4": VQModel, "kl": AutoencoderKL}.get(kind)
+    if model_cls is None:
+        raise ValueError(f"first stage kind={kind!r}; choose 'identity', 'vq_f4' or 'kl'")
+    if weights_path is not None and Path(weights_path).expanduser().is_dir():
+        if kwargs:
+            raise ValueError(f"weights_path={weights_path!r} is a diffusers folder whose config defines the "
+                             f"architecture; drop the arguments {sorted(kwargs)}")
+        return DiffusersFirstStage(model_cls.from_pretrained(Path(weights_path).expanduser(), local_files_only=True))
+    model = model_cls(**({**VQ_F4_CONFIG, **kwargs} if kind == "vq_f4" else kwargs))
+    if weights_path is not None:
+        cfg = model.config
+        converted = ldm_autoencoder_to_diffusers(load_ldm_checkpoint(weights_path),
+                                                 num_levels=len(cfg.block_out_channels),
+                                                 layers_per_block=cfg.layers_per_block)
+        load_strict(model, converted.state_dict, f"weights_path={weights_path!r}")
+    return DiffusersFirstStage(model)
