@@ -1,0 +1,40 @@
+"""``train_seg.py`` and ``finetune_ssl.py``: train a Segmenter, then test it with the last and
+the best checkpoint (metrics_<tag>.json + per_case_<tag>.csv in the run directory)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from stedm.run import build_datamodule, build_trainer, maybe_compile, prepare, resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def train_segmentation(cfg: DictConfig) -> dict[str, list[dict]]:
+    ctx = prepare(cfg)
+    datamodule = build_datamodule(cfg, ctx, eval_splits=("val", "test"), with_style=False)
+    model = instantiate(cfg.model, lr=ctx.lr, output_dir=str(ctx.run_dir))
+    trainer = build_trainer(cfg, ctx)
+    trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ctx))
+    results = {}
+    for tag in cfg.get("test_checkpoints") or []:
+        path = checkpoint_for(tag, trainer, ctx.checkpoint_dir)
+        if path is None:
+            log.warning("no '%s' checkpoint (checkpoint.monitor=%s): skipping its test", tag, cfg.checkpoint.monitor)
+            continue
+        model.test_tag = tag
+        results[tag] = trainer.test(model, datamodule=datamodule, ckpt_path=path, weights_only=False)
+    return results
+
+
+def checkpoint_for(tag: str, trainer, checkpoint_dir: Path) -> str | None:
+    if tag == "last":
+        path = checkpoint_dir / "last.ckpt"
+        return str(path) if path.is_file() else None
+    if tag == "best":
+        return trainer.checkpoint_callback.best_model_path or None
+    raise ValueError(f"test_checkpoints: unknown entry '{tag}'; use last and/or best")
