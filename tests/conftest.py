@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Tiny shapes run fastest on one thread, and several threads oversubscribe a shared 2-core
+# machine badly (subprocesses started by tests inherit this too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -10,20 +15,24 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import stedm  # noqa: F401  (registers the config resolvers)
+import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_in(root: Path, config_name: str, overrides: list[str] | None = None):
+    """The composed config ``config_name`` with data and results under ``root``."""
+    base = [f"location.data_dir={root / 'data'}", f"location.result_dir={root / 'results'}"]
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        return compose(config_name, overrides=base + list(overrides or []))
 
 
 @pytest.fixture
 def compose_cfg(tmp_path):
     """``compose_cfg(name, overrides)`` -> the composed config, writing under ``tmp_path``."""
-
-    def _compose(config_name: str, overrides: list[str] | None = None):
-        base = [f"location.data_dir={tmp_path / 'data'}", f"location.result_dir={tmp_path / 'results'}"]
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            return compose(config_name, overrides=base + list(overrides or []))
-
-    return _compose
+    return lambda config_name, overrides=None: compose_in(tmp_path, config_name, overrides)
 
 
 def write_folder_dataset(root: Path, n: int = 6, size: int = 40, num_classes: int = 2,

@@ -25,9 +25,16 @@ from stedm.data.transforms import train_transform
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Default collation over the keys every sample has (``style``/``instances`` are optional)."""
-    keys = set(samples[0]).intersection(*samples[1:])
-    return {k: default_collate([s[k] for s in samples]) for k in samples[0] if k in keys}
+    """Default collation over the keys every sample has: optional keys (``style``,
+    ``instances``, dataset-specific ``meta`` fields) drop out of batches that mix datasets."""
+    def common(dicts: list[dict[str, Any]]) -> list[str]:
+        keys = set(dicts[0]).intersection(*dicts[1:])
+        return [k for k in dicts[0] if k in keys]
+
+    batch = {k: default_collate([s[k] for s in samples]) for k in common(samples) if k != "meta"}
+    metas = [s["meta"] for s in samples]
+    batch["meta"] = {k: default_collate([m[k] for m in metas]) for k in common(metas)}
+    return batch
 
 
 def entry_ratios(data: DictConfig) -> list[float]:

@@ -70,3 +70,43 @@ def check_compatible(sampler: StyleSampler, dataset: Any, entry: str) -> None:
             f"style_sampling={sampler.name} needs a dataset with {sorted(missing)} "
             f"(whole-slide data), but entry '{entry}' ({type(dataset).__name__}) has none; "
             "choose style_sampling=none or augmented for this data")
+
+
+class NearbyStyle(StyleSampler):
+    """``nearby``: one patch of the target's slide, centred within ``relative_dist`` patch
+    extents (level-0 ``patch_size x downsample``) of the target's centre, uniformly per axis,
+    and on tissue. Of ``tries`` candidate centres the first on tissue is read; when none is,
+    the target's own location is."""
+
+    name = "nearby"
+    requires = frozenset({"slide"})
+
+    def __init__(self, relative_dist: float = 1.0, tries: int = 16) -> None:
+        if relative_dist < 0 or tries < 1:
+            raise ValueError(f"nearby style: need relative_dist >= 0 and tries >= 1, got {relative_dist}, {tries}")
+        self.relative_dist, self.tries = float(relative_dist), int(tries)
+
+    def __call__(self, dataset, record, image, rng):
+        centre = np.array([record.meta["centre_x"], record.meta["centre_y"]], dtype=np.float64)
+        radius = self.relative_dist * dataset.patch_extent
+        candidates = centre + rng.uniform(-radius, radius, size=(self.tries, 2))
+        on_tissue = dataset.on_tissue(record.meta["slide_index"], candidates)
+        chosen = candidates[int(np.argmax(on_tissue))] if on_tissue.any() else centre
+        return dataset.read_style_patches(record, chosen[None])
+
+
+class MultiPatchStyle(StyleSampler):
+    """``mp``: ``num_patches`` patches from uniformly random tissue locations of the target's
+    own slide (the original indexed another slide's tissue mask)."""
+
+    name = "mp"
+    requires = frozenset({"slide"})
+
+    def __init__(self, num_patches: int = 10) -> None:
+        if num_patches < 1:
+            raise ValueError(f"mp style: num_patches must be >= 1, got {num_patches}")
+        self.num_images = int(num_patches)
+
+    def __call__(self, dataset, record, image, rng):
+        slide = record.meta["slide_index"]
+        return dataset.read_style_patches(record, dataset.tissue_points(slide, self.num_images, rng))

@@ -1,0 +1,73 @@
+"""On-disk cache of per-slide arrays derived from slow sources (lookup maps, tissue masks).
+
+Entries are ``<cache_dir>/<key>.npz`` (and ``<key>.labels.npy`` for memory-mapped label masks),
+written through a temporary file and an atomic rename, so concurrent processes (DDP ranks)
+never read half a file. ``cache_dir=None`` disables caching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def cache_key(*parts: Any) -> str:
+    """Hex digest of JSON-serialisable ``parts``."""
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content (memoised per path, size and modification time)."""
+    stat = Path(path).stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_arrays(cache_dir: Path | None, key: str) -> dict[str, np.ndarray] | None:
+    if cache_dir is None:
+        return None
+    path = Path(cache_dir) / f"{key}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as content:
+        return {name: content[name] for name in content.files}
+
+
+def save_arrays(cache_dir: Path | None, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+    if cache_dir is not None:
+        _atomic_write(Path(cache_dir) / f"{key}.npz", lambda fh: np.savez(fh, **arrays))
+
+
+def mask_cache_path(cache_dir: Path, key: str) -> Path:
+    return Path(cache_dir) / f"{key}.labels.npy"
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    _atomic_write(path, lambda fh: np.save(fh, array))
