@@ -7,8 +7,8 @@ import re
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
-def _range(start: int, stop: int) -> list[int]:
-    return list(range(int(start), int(stop)))
+def _range(start: int, stop: int) -> ListConfig:
+    return OmegaConf.create(list(range(int(start), int(stop))))
 
 
 def entries_tag(dataset: DictConfig, ratios: ListConfig | None = None) -> str:
