@@ -1,0 +1,151 @@
+"""The one sampling loop, used by prediction, the training sample grid, benchmarks and tests.
+
+A sampler sees the network only through ``model_fn(x_t, t) -> eps`` (``t`` a 1-D long tensor of
+batch size), so guidance, layout and style live in the caller's ``model_fn``
+(:func:`stedm.diffusion.guidance.guided_model_fn`) and counting network calls is trivial.
+
+Samplers:
+
+``ddim`` with ``spacing="paper"``
+    The original LDM DDIM (eta = 0): uniform spacing c = T // steps, timesteps
+    ``range(0, T, c) + 1`` (128 requested steps -> 143 actual ones), and the "previous" alpha of
+    the last step is ``alphas_cumprod[0]``, not 1, so the result is the sample at t = 0 of the
+    deterministic trajectory. diffusers cannot express this spacing, hence the few lines here.
+``ddim`` with a diffusers spacing (``leading`` | ``trailing`` | ``linspace``)
+    diffusers' :class:`~diffusers.DDIMScheduler` (eta = 0, final alpha 1): exactly ``steps`` calls.
+``dpm_solver``
+    diffusers' :class:`~diffusers.DPMSolverMultistepScheduler` (DPM-Solver++, 2nd order).
+``ddpm``
+    diffusers' ancestral :class:`~diffusers.DDPMScheduler` (GenSelfDiff-HIS' 1000-step sampler);
+    the only stochastic one, pass ``generator`` for reproducible runs.
+
+All of them are built from the betas of the training scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from stedm.diffusion.guidance import ModelFn
+
+SAMPLERS = ("ddim", "dpm_solver", "ddpm")
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
+
+Progress = Callable[[Iterable], Iterable]
+
+
+def paper_ddim_timesteps(num_train_timesteps: int = 1000, steps: int = 128) -> torch.Tensor:
+    """LDM's "uniform" DDIM timesteps, in sampling (descending) order.
+
+    ``c = T // steps``; ``range(0, T, c) + 1``. For T = 1000 and 128 steps: c = 7, 143 timesteps
+    995, 988, ..., 8, 1.
+    """
+    if not 1 <= steps <= num_train_timesteps // 2:
+        # With c = 1 the "+ 1" reaches t = T, outside the schedule (LDM indexes out of range there).
+        raise ValueError(
+            f"steps must lie in 1..{num_train_timesteps // 2} for the paper spacing, got {steps}; "
+            "use a diffusers spacing (leading | trailing | linspace) for more steps")
+    stride = num_train_timesteps // steps
+    return (torch.arange(0, num_train_timesteps, stride) + 1).flip(0)
+
+
+def noise_for_indices(
+    indices: Sequence[int] | torch.Tensor,
+    seed: int,
+    shape: Sequence[int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Starting noise ``len(indices) x *shape``; sample i depends only on (seed, indices[i]).
+
+    Each sample draws from its own CPU generator, so pair i gets the same noise whatever the
+    batch size, the number of processes or the device.
+    """
+    if isinstance(indices, torch.Tensor):
+        indices = indices.tolist()
+    noises = []
+    for index in indices:
+        if seed < 0 or index < 0:
+            raise ValueError(f"seed and indices must be non-negative, got seed={seed}, index={index}")
+        # SeedSequence hashes the pair, so (seed, index) and (seed + 1, index - k) never collide.
+        state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+        generator = torch.Generator(device="cpu").manual_seed(int(state))
+        noises.append(torch.randn(tuple(shape), generator=generator))
+    return torch.stack(noises).to(device=device, dtype=dtype)
+
+
+def sample(
+    model_fn: ModelFn,
+    noise: torch.Tensor,
+    scheduler: DDPMScheduler,
+    sampler: str = "ddim",
+    steps: int = 128,
+    spacing: str | None = None,
+    progress: Progress | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Run ``sampler`` from ``noise`` (B x C x h x w) and return the clean latent x0.
+
+    ``scheduler`` is the training scheduler (its betas define every sampler). ``spacing`` None
+    means ``paper`` for ``ddim`` and diffusers' default for the others. ``progress`` wraps the
+    timestep iterable (e.g. ``tqdm``). ``generator`` drives the noise of ``ddpm`` only.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    progress = progress or (lambda steps_: steps_)
+    if sampler == "ddim" and spacing in (None, "paper"):
+        timesteps = paper_ddim_timesteps(scheduler.config.num_train_timesteps, steps)
+        return _ddim_paper(model_fn, noise, scheduler.alphas_cumprod, timesteps, progress)
+    return _diffusers_loop(model_fn, noise, _diffusers_sampler(sampler, scheduler, spacing), steps, progress, generator)
+
+
+def _ddim_paper(
+    model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, progress: Progress
+) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) exactly as LDM's ``DDIMSampler`` steps it."""
+    alphas_cumprod = alphas_cumprod.to(device=x.device, dtype=torch.float32)
+    timesteps = timesteps.to(x.device)
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = torch.cat([alphas[1:], alphas_cumprod[:1]])
+    for t, a_t, a_prev in progress(list(zip(timesteps, alphas, alphas_prev))):
+        eps = model_fn(x, t.expand(x.shape[0]))
+        x0 = (x - (1 - a_t).sqrt().to(x.dtype) * eps) / a_t.sqrt().to(x.dtype)
+        x = a_prev.sqrt().to(x.dtype) * x0 + (1 - a_prev).sqrt().to(x.dtype) * eps
+    return x
+
+
+def _diffusers_sampler(sampler: str, scheduler: DDPMScheduler, spacing: str | None):
+    if spacing == "paper":
+        raise ValueError(f"spacing 'paper' exists for sampler 'ddim' only; {sampler!r} takes {DIFFUSERS_SPACINGS}")
+    if spacing is not None and spacing not in DIFFUSERS_SPACINGS:
+        raise ValueError(f"spacing must be 'paper' or one of {DIFFUSERS_SPACINGS}, got {spacing!r}")
+    # The model_fn always returns eps, whatever the network was trained to predict.
+    overrides = {"prediction_type": "epsilon", "trained_betas": scheduler.betas.tolist()}
+    if spacing is not None:
+        overrides["timestep_spacing"] = spacing
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=True, **overrides)
+    if sampler == "dpm_solver":
+        return DPMSolverMultistepScheduler.from_config(
+            scheduler.config, algorithm_type="dpmsolver++", solver_order=2, **overrides)
+    return DDPMScheduler.from_config(scheduler.config, clip_sample=False, **overrides)
+
+
+def _diffusers_loop(
+    model_fn: ModelFn,
+    x: torch.Tensor,
+    scheduler,
+    steps: int,
+    progress: Progress,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    scheduler.set_timesteps(steps, device=x.device)
+    x = x * scheduler.init_noise_sigma
+    for t in progress(scheduler.timesteps):
+        eps = model_fn(scheduler.scale_model_input(x, t), t.expand(x.shape[0]))
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x
