@@ -1,0 +1,186 @@
+"""``predict_diff.py``: synthesise image/mask pairs with a trained StyleDiffusion checkpoint.
+
+Pair ``i`` takes its layout from the first entry (labelled pool) and its style images from the
+second (unlabelled pool); which items, their crops and the starting noise all derive from
+``(seed, i)``, so pair ``i`` is the same whatever the batch size or number of processes.
+Pairs land in ``<data_dir>/syn_data/<predict_dir>/`` as ``img_%05d.png`` + ``seg_%05d.png``,
+each file written atomically; a pair counts as done once its line is in ``manifest.jsonl``.
+A restart skips done pairs; a folder written with another checkpoint or other settings is
+refused unless ``overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from stedm.data.contract import tensor_to_image
+from stedm.data.datamodule import build_dataset, entry_ratios
+from stedm.data.io import write_png_atomic
+from stedm.data.synthetic import MANIFEST, PAIR_IMAGE, PAIR_MASK, read_manifest
+from stedm.data.transforms import train_transform
+from stedm.run import prepare, resolve_precision, uses_cuda
+from stedm.tasks.diffusion import CONFIG_KEY, build_model
+
+log = logging.getLogger(__name__)
+SETTINGS = ".stedm_settings.json"
+
+
+# -- checkpoint --------------------------------------------------------------------------------
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """``+ckpt_name``: a file or run folder under ``result_dir/checkpoints/``, or a path."""
+    name = cfg.get("ckpt_name")
+    if not name:
+        raise ValueError("no checkpoint given: pass +ckpt_name=RUN_NAME (a folder under "
+                         f"{Path(cfg.location.result_dir) / 'checkpoints'}), RUN_NAME/last.ckpt, or a path")
+    root = Path(cfg.location.result_dir) / "checkpoints"
+    for candidate in (Path(str(name)), root / str(name)):
+        if candidate.is_dir():
+            candidate = candidate / "last.ckpt"
+        if candidate.is_file():
+            return candidate.resolve()
+    known = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    raise FileNotFoundError(f"ckpt_name={name}: no checkpoint at {root / str(name)}; runs there: {known}")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: Path) -> torch.nn.Module:
+    """Rebuild the model from the config that train_diff.py stored in the checkpoint, and load it."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if CONFIG_KEY not in checkpoint:
+        raise ValueError(f"{path} was not written by train_diff.py (it holds no '{CONFIG_KEY}')")
+    model = build_model(checkpoint[CONFIG_KEY], lr=None)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.on_load_checkpoint(checkpoint)
+    return model.eval()
+
+
+# -- pairs -------------------------------------------------------------------------------------
+class PairSource:
+    """Layout and style inputs of pair ``i``, reproducible from ``(seed, i)`` alone."""
+
+    def __init__(self, cfg: DictConfig, with_style: bool) -> None:
+        from hydra.utils import instantiate
+
+        names = list(cfg.data.dataset.keys())
+        entry_ratios(cfg.data)  # same checks as training
+        if with_style and len(names) < 2:
+            raise ValueError(f"predict_diff needs two entries, layouts then styles: data/dataset=[x_anno,x_unanno] "
+                             f"(got {names})")
+        transform = train_transform(int(cfg.data.patch_size), **OmegaConf.to_container(cfg.data.augment or {}))
+        self.layouts = build_dataset(cfg.data, names[0], "train", transform)
+        self.styles = None
+        if with_style:
+            sampler = instantiate(cfg.style_sampling.sampler)
+            self.styles = build_dataset(cfg.data, names[1], "train", transform, sampler)
+        self.seed = int(cfg.seed)
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 1_000_003 + i)
+            j = int(torch.randint(len(self.layouts), ()).item())
+            layout = self.layouts[j]
+            record = {"mask": layout["mask"], "layout_source": layout["meta"]["source"], "layout_index": j,
+                      "layout_case": layout["meta"]["case"]}
+            if self.styles is not None:
+                k = int(torch.randint(len(self.styles), ()).item())
+                style = self.styles[k]
+                record.update(style=style["style"], style_source=style["meta"]["source"], style_index=k,
+                              style_case=style["meta"]["case"])
+        return record
+
+
+# -- output folder -----------------------------------------------------------------------------
+def settings_of(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
+    """Everything that decides the pairs' content (not their number or the batch size)."""
+    keys = ("seed", "sampler", "steps", "spacing", "cfg_scale", "rescale", "guidance_mode")
+    return {"checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint),
+            "data": OmegaConf.to_container(cfg.data.dataset, resolve=True), "patch_size": int(cfg.data.patch_size),
+            "style_sampling": OmegaConf.to_container(cfg.style_sampling, resolve=True),
+            **{k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys}}
+
+
+def open_output(folder: Path, settings: dict[str, Any], overwrite: bool) -> dict[int, dict]:
+    """Create or reuse ``folder``; returns the pairs already done. Never mixes two settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = folder / SETTINGS
+    has_pairs = any(folder.glob("img_*.png")) or (folder / MANIFEST).is_file()
+    if stored.is_file():
+        if json.loads(stored.read_text()) != settings and has_pairs:
+            if not overwrite:
+                raise FileExistsError(f"{folder} holds pairs written with another checkpoint or other settings; "
+                                      "choose another +predict_dir, or pass overwrite=true to replace them")
+            log.warning("overwrite=true: replacing the pairs in %s", folder)
+            for path in folder.glob("*_*.png"):
+                path.unlink()
+            (folder / MANIFEST).unlink(missing_ok=True)
+    elif any(folder.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{folder} is not empty and was not written by predict_diff.py; "
+                                  "choose another +predict_dir, or pass overwrite=true")
+    stored.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    return read_manifest(folder)
+
+
+def append_manifest(folder: Path, records: list[dict[str, Any]]) -> None:
+    with (folder / MANIFEST).open("a") as fh:
+        fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# -- the task ----------------------------------------------------------------------------------
+def predict_pairs(cfg: DictConfig) -> Path:
+    ctx = prepare(cfg)
+    if not cfg.get("predict_dir"):
+        raise ValueError("no output folder: pass +predict_dir=NAME (pairs go to <data_dir>/syn_data/NAME)")
+    checkpoint = resolve_checkpoint(cfg)
+    device = torch.device("cuda" if uses_cuda(cfg.location) else "cpu")
+    model = load_model(checkpoint).to(device)
+    with_style = model.style is not None
+    folder = Path(cfg.location.data_dir) / "syn_data" / str(cfg.predict_dir)
+    done = open_output(folder, settings_of(cfg, checkpoint), bool(cfg.overwrite))
+    source = PairSource(cfg, with_style)
+    total = int(cfg.num_pairs) if cfg.get("num_pairs") is not None else 2 * int(cfg.data.samples)
+    todo = [i for i in range(total) if i not in done]
+    log.info("%d pairs into %s: %d done, %d to go (checkpoint %s)", total, folder, len(done), len(todo), checkpoint)
+    bf16 = resolve_precision(cfg.location).startswith("bf16")
+    progress = tqdm(total=len(todo), unit="pair", desc="pairs", disable=not cfg.get("progress", True))
+    batch = int(cfg.batch_size)
+    for start in range(0, len(todo), batch):
+        indices = todo[start:start + batch]
+        inputs = [source(i) for i in indices]
+        masks = torch.stack([x["mask"] for x in inputs])
+        styles = torch.stack([x["style"] for x in inputs]) if with_style else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            images = model.generate(masks, styles, seed=int(cfg.seed), indices=indices, sampler=cfg.sampler,
+                                    steps=int(cfg.steps), spacing=cfg.spacing, cfg_scale=float(cfg.cfg_scale),
+                                    rescale=float(cfg.rescale), guidance_mode=cfg.guidance_mode,
+                                    batched_guidance=bool(cfg.batched_guidance))
+        records = []
+        for i, x, image in zip(indices, inputs, tensor_to_image(images)):
+            write_png_atomic(image, folder / PAIR_IMAGE.format(i))
+            write_png_atomic(x["mask"].numpy().astype("uint8"), folder / PAIR_MASK.format(i))
+            records.append({"index": i, "seed": int(cfg.seed), "sampler": cfg.sampler, "steps": int(cfg.steps),
+                            "cfg_scale": float(cfg.cfg_scale), "checkpoint": str(checkpoint),
+                            **{k: v for k, v in x.items() if k not in ("mask", "style")}})
+        append_manifest(folder, records)
+        progress.update(len(indices))
+    progress.close()
+    log.info("wrote %s", folder)
+    return folder
