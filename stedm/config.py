@@ -26,6 +26,11 @@ def entries_tag(dataset: DictConfig, ratios: ListConfig | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9_.@+-]", "-", "_".join(parts))
 
 
+def _choose(condition: bool, if_true: str, if_false: str) -> str:
+    return if_true if condition else if_false
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("range", _range, replace=True)
     OmegaConf.register_new_resolver("entries", entries_tag, replace=True)
+    OmegaConf.register_new_resolver("choose", _choose, replace=True)

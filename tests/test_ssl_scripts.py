@@ -1,0 +1,38 @@
+"""pretrain_ssl then finetune_ssl through their real configs, on the demo data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+from stedm.models.ssl_unet import load_pretrained_unet
+from stedm.tasks.segmentation import train_segmentation
+from stedm.tasks.ssl import pretrain
+
+TINY = ["preset=tiny", "data.patch_size=32", "data.samples=8", "trainer.enable_progress_bar=false"]
+
+
+def test_pretrain_then_finetune_and_the_scratch_baseline(compose_cfg):
+    cfg = compose_cfg("pretrain_ssl", [*TINY, "trainer.max_epochs=1"])
+    assert list(cfg.data.dataset) == ["demo_unanno", "demo_anno"]  # every image, labelled or not
+    pretrain(cfg)
+    weights = Path(cfg.location.result_dir) / "runs" / "pretrain_ssl" / cfg.run_name / "pretrained_unet.pt"
+    assert weights.is_file()
+
+    finetune = compose_cfg("finetune_ssl", [*TINY, "trainer.max_epochs=1", f"pretrained={weights}"])
+    net = instantiate(finetune.model.net)
+    _, pretrained = load_pretrained_unet(weights)
+    own = net.unet.state_dict()
+    differs = sorted({k.split(".")[0] for k, v in pretrained.items() if k not in own or not torch.equal(own[k], v)})
+    assert differs == ["head"]  # everything but the replaced head comes from pretraining
+    train_segmentation(finetune)
+    scratch = compose_cfg("finetune_ssl", [*TINY, "trainer.max_epochs=1", "from_scratch=true"])
+    assert scratch.run_name != finetune.run_name and "scratch" in scratch.run_name
+    train_segmentation(scratch)
+    for run in (finetune, scratch):
+        metrics = json.loads((Path(run.location.result_dir) / "runs" / "finetune_ssl" / run.run_name /
+                              "metrics_last.json").read_text())
+        assert 0 <= metrics["dice_fg"] <= 1 and "hd95" in metrics and "aji" in metrics
