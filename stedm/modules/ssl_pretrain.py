@@ -1,0 +1,215 @@
+"""SSL pretraining of GenSelfDiff-HIS (SPEC §2): train the U-Net as a DDPM denoiser on unlabelled images.
+
+Uses only ``batch["image"]`` (contract range ``[-1, 1]``), so labelled and unlabelled entries
+both feed it; random flips come from the data transforms. The loss is the λ_t-weighted MSE of
+the prediction (ε by default, P2 weighting by default), averaged over pixels and over the batch
+(the original summed over the batch, which tied the effective learning rate to the batch size).
+The schedule and training target come from :mod:`stedm.diffusion.schedules`, the weights from
+:mod:`stedm.diffusion.weighting`, the sampler from :mod:`stedm.diffusion.sampling`.
+
+Outputs written into ``trainer.default_root_dir`` (global rank zero only):
+
+- ``pretrained_unet.pt``: the EMA denoiser and its constructor arguments, rewritten at every
+  checkpoint and at the end of fit; :func:`stedm.models.ssl_unet.build_ssl_segmenter` reads it;
+- ``samples/epoch_XXX.png`` every ``sample_every_n_epochs`` epochs: one row per sample, columns
+  from pure noise (left) to the final image (right) of a trajectory of the EMA model, always
+  from the same noise so that epochs compare.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torchvision.utils import make_grid
+
+from stedm.data.contract import tensor_to_image
+from stedm.diffusion.sampling import SAMPLERS, noise_for_indices, sample
+from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
+from stedm.diffusion.weighting import LossWeighting
+from stedm.models.ssl_unet import save_pretrained_unet
+
+PRETRAINED_FILENAME = "pretrained_unet.pt"
+
+
+class SSLPretrainer(pl.LightningModule):
+    """Diffusion pretraining of an :class:`~stedm.models.ssl_unet.SSLUNet` (``net``).
+
+    ``optimizer`` is a partial optimizer constructor (Hydra ``_partial_: true``) called as
+    ``optimizer(params, lr=lr)``; ``None`` means Adam. The schedule defaults to the paper's
+    T = 1000 "quadratic" betas (diffusers ``scaled_linear``). ``weighting`` is ``p2``
+    (``1/(p2_k + SNR)^p2_gamma``), ``min_snr`` (γ = ``min_snr_gamma``) or ``none``. The sample
+    grid runs ``sample_steps`` steps of ``sampler`` (``ddpm`` = ancestral DDPM, the paper's, with
+    1000 steps; ``ddim``; ``dpm_solver``) without x0 clipping (as the original) and shows
+    ``sample_frames`` snapshots per trajectory; ``sample_every_n_epochs=0`` disables it.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr: float = 1e-4,
+        beta_schedule: str = "scaled_linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        num_train_timesteps: int = 1000,
+        prediction_type: str = "epsilon",
+        weighting: str = "p2",
+        p2_k: float = 1.0,
+        p2_gamma: float = 1.0,
+        min_snr_gamma: float = 5.0,
+        ema_decay: float = 0.9999,
+        sample_every_n_epochs: int = 10,
+        sample_steps: int = 1000,
+        sampler: str = "ddpm",
+        sample_images: int = 4,
+        sample_frames: int = 10,
+    ) -> None:
+        super().__init__()
+        if not isinstance(getattr(net, "config", None), dict):
+            raise TypeError("SSLPretrainer: net must be an SSLUNet (its .config rebuilds it from pretrained_unet.pt)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got '{sampler}'")
+        if sample_frames < 2:
+            raise ValueError(f"sample_frames must be >= 2 (first and last), got {sample_frames}")
+        self.save_hyperparameters(ignore=["net", "optimizer"])
+        self.net = net
+        self.optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam)
+        self.lr = lr
+        self.noise_scheduler = make_scheduler(beta_schedule, beta_start, beta_end, num_train_timesteps, prediction_type)
+        self.loss_weighting = LossWeighting(
+            self.noise_scheduler, weighting, prediction_type, p2_k, p2_gamma, min_snr_gamma)
+        self.ema = EMAModel(self.net.parameters(), decay=ema_decay, foreach=True)
+        self._sample_shape: tuple[int, ...] | None = None
+
+    # -- training ---------------------------------------------------------------------------------
+    def diffusion_loss(self, images: torch.Tensor, noise: torch.Tensor | None = None,
+                       timesteps: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """λ_t-weighted MSE of the denoiser on ``images`` (``B x C x H x W`` in ``[-1, 1]``), mean over batch.
+
+        ``noise`` and ``timesteps`` are drawn (from ``generator`` if given) unless passed.
+        """
+        if noise is None:
+            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        if timesteps is None:
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],),
+                                      generator=generator, device=images.device)
+        prediction = self.net(self.noise_scheduler.add_noise(images, noise, timesteps), timesteps)
+        target = training_target(self.noise_scheduler, images, noise, timesteps)
+        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (self.loss_weighting(timesteps) * per_image).mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        if self._sample_shape is None:
+            self._sample_shape = tuple(images.shape[1:])
+        loss = self.diffusion_loss(images)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
+                 batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Same loss with noise and timesteps fixed per batch index, so epochs are comparable.
+
+        Whole validation images are cropped (top-left) to a multiple of the U-Net's down-sampling factor.
+        """
+        factor = self.net.downsampling_factor
+        images = batch["image"]
+        images = images[..., : images.shape[-2] // factor * factor, : images.shape[-1] // factor * factor]
+        generator = torch.Generator(device=images.device).manual_seed(batch_idx)
+        loss = self.diffusion_loss(images, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(self.net.parameters(), lr=self.lr)
+
+    # -- EMA --------------------------------------------------------------------------------------
+    def _move_ema_to_net(self) -> None:
+        self.ema.to(device=next(self.net.parameters()).device)
+
+    def on_fit_start(self) -> None:
+        self._move_ema_to_net()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # One EMA update per optimizer step (not per micro-batch under gradient accumulation).
+        if self.ema.optimization_step < self.trainer.global_step:
+            self.ema.step(self.net.parameters())
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """``net.state_dict()`` with every parameter replaced by its EMA value."""
+        state = dict(self.net.state_dict())
+        for (name, _), shadow in zip(self.net.named_parameters(), self.ema.shadow_params, strict=True):
+            state[name] = shadow
+        return state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+        self._write_pretrained()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ema" not in checkpoint:
+            raise KeyError("checkpoint has no 'ema' state; it was not written by SSLPretrainer")
+        self.ema.load_state_dict(checkpoint["ema"])
+        self._move_ema_to_net()
+
+    def on_fit_end(self) -> None:
+        self._write_pretrained()
+
+    def _write_pretrained(self) -> None:
+        if self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / PRETRAINED_FILENAME
+            save_pretrained_unet(path, self.net.config, self.ema_state_dict())
+
+    # -- sampling ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_trajectory(self, num_images: int, shape: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
+        """Generate ``num_images`` images of ``shape`` (C, H, W) with the current weights.
+
+        Returns up to ``sample_frames`` snapshots ``frames x num_images x C x H x W`` in the model's
+        range, evenly spaced along the trajectory: the initial noise first, the final sample last.
+        The starting noise and the sampler's noise are fixed by ``seed``.
+        """
+        snapshot_every = math.ceil(self.hparams.sample_steps / (self.hparams.sample_frames - 1))
+        inputs: list[torch.Tensor] = []  # every snapshot_every-th denoiser input x_t, from x_T on
+        calls = 0
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            if calls % snapshot_every == 0:
+                inputs.append(x)
+            calls += 1
+            return to_epsilon(self.noise_scheduler, self.net(x, t), x, t)
+
+        noise = noise_for_indices(range(num_images), seed, shape, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        final = sample(model_fn, noise, self.noise_scheduler, self.hparams.sampler, self.hparams.sample_steps,
+                       generator=generator)
+        keep = torch.linspace(0, len(inputs) - 1, min(len(inputs), self.hparams.sample_frames - 1)).round().long()
+        return torch.stack([inputs[i] for i in keep.tolist()] + [final])
+
+    def on_train_epoch_end(self) -> None:
+        every = self.hparams.sample_every_n_epochs
+        if not every or (self.current_epoch + 1) % every or not self.trainer.is_global_zero:
+            return
+        if self._sample_shape is None:
+            return
+        self.ema.store(self.net.parameters())
+        self.ema.copy_to(self.net.parameters())
+        try:
+            frames = self.sample_trajectory(self.hparams.sample_images, self._sample_shape)
+        finally:
+            self.ema.restore(self.net.parameters())
+        # rows = samples, columns = trajectory
+        grid = make_grid(frames.transpose(0, 1).flatten(0, 1).float(), nrow=frames.shape[0], padding=2, pad_value=1.0)
+        path = Path(self.trainer.default_root_dir) / "samples" / f"epoch_{self.current_epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(tensor_to_image(grid)).save(path)
