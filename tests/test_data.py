@@ -121,3 +121,17 @@ def test_style_sampler_adds_style_images(compose_cfg):
     batch = next(iter(dm.train_dataloader()))
     assert batch["style"].shape == (2, 1, 3, 64, 64)
     assert not torch.equal(batch["style"][:, 0], batch["image"])  # augmented, not a copy
+
+
+def test_preview_prints_counts_and_writes_a_grid(tmp_path, capsys):
+    from PIL import Image
+
+    from stedm.data.preview import main
+
+    out = main([f"location.result_dir={tmp_path}", "data/dataset=[demo_anno,demo_unanno]", "data.ratios=[0.5,1.0]",
+                "--rows", "3", "--out", str(tmp_path / "grid.png")])
+    printed = capsys.readouterr().out
+    assert "demo_anno" in printed and "items=4" in printed and "per epoch=64" in printed
+    assert "epoch: 192 items = 33% demo_anno + 67% demo_unanno" in printed
+    grid = Image.open(out)
+    assert grid.size == (3 * 64, 3 * 64)  # image | overlay | one style image, three rows

@@ -8,37 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from stedm.data.io import read_image, read_mask
 from stedm.data.official_split import ImageItem, OfficialSplitDataset, natural_key, pair_by_stem
 
 GLAS_LAYOUT = ("<root>/train_1.bmp + <root>/train_1_anno.bmp, ..., testA_*.bmp + testA_*_anno.bmp, "
                "testB_*.bmp + testB_*_anno.bmp (the unpacked 'Warwick QU Dataset (Released 2016_07_08)' folder; "
                "Grade.csv may lie beside them and is not needed)")
 _IMAGE_NAME = re.compile(r"^(train|testA|testB)_\d+$")
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Any PIL-readable image as ``H x W x 3`` uint8."""
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
-    except OSError as exc:
-        raise ValueError(f"cannot read image '{path}': {exc}") from exc
-
-
-def read_label_image(path: Path) -> np.ndarray:
-    """A label image (grey, palette or grey-as-RGB) as ``H x W`` int32 values."""
-    try:
-        with Image.open(path) as img:
-            labels = np.asarray(img)
-    except OSError as exc:
-        raise ValueError(f"cannot read annotation '{path}': {exc}") from exc
-    if labels.ndim == 3:
-        if not (labels == labels[..., :1]).all():
-            raise ValueError(f"annotation '{path}' is a colour image; expected instance ids in a grey/palette image")
-        labels = labels[..., 0]
-    return labels.astype(np.int32)
 
 
 class GlasDataset(OfficialSplitDataset):
@@ -93,7 +70,7 @@ class GlasDataset(OfficialSplitDataset):
         return self._find(self.test_parts)
 
     def read_image(self, item: ImageItem) -> np.ndarray:
-        return read_rgb(item.image_path)
+        return read_image(item.image_path)
 
     def read_instances(self, item: ImageItem, shape: tuple[int, int]) -> np.ndarray:
-        return read_label_image(item.annotation_path)
+        return read_mask(item.annotation_path)
