@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import write_flowers, write_folder_dataset, write_synthetic_pairs

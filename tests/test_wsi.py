@@ -35,7 +35,6 @@ from wsi_fixtures import (
     write_catch,
     write_geojson,
     write_levels,
-    write_pyramid_tiff,
     write_sliderunner,
     write_wsi_folder,
 )

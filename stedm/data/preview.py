@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from stedm.data.contract import IGNORE_INDEX, tensor_to_image
-from stedm.data.datamodule import StedmDataModule, collate
+from stedm.data.datamodule import StedmDataModule
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
