@@ -18,6 +18,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from stedm.cluster import adopt_submitit_local_tasks, cluster_plugins, is_rank_zero_process
+
 log = logging.getLogger(__name__)
 
 
@@ -99,6 +101,7 @@ def run_dir(cfg: DictConfig) -> Path:
 
 def prepare(cfg: DictConfig) -> RunContext:
     """Validate the location, seed everything, and compute the run's derived settings."""
+    adopt_submitit_local_tasks()
     devices = resolve_devices(cfg.location)
     world = devices * int(cfg.location.num_nodes)
     batch = batch_size(cfg)
@@ -111,7 +114,7 @@ def prepare(cfg: DictConfig) -> RunContext:
                      devices=devices, world_size=world, batch_size=batch,
                      lr=learning_rate(cfg, batch, world), precision=resolve_precision(cfg.location),
                      num_workers=resolve_num_workers(cfg.location))
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+    if is_rank_zero_process():
         (directory / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run %s: dir %s, %d process(es), batch %d/process, lr %s, precision %s",
              cfg.run_name, directory, world, batch, ctx.lr, ctx.precision)
@@ -136,6 +139,13 @@ def resume_checkpoint(cfg: DictConfig, ctx: RunContext) -> str | None:
     return str(path)
 
 
+def fit(cfg: DictConfig, ctx: RunContext, trainer: pl.Trainer, model: pl.LightningModule, datamodule) -> None:
+    """``trainer.fit``, continuing from the run's checkpoint per ``resume`` (the run's own file:
+    loaded in full, hyper-parameters, random states and all)."""
+    trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ctx),
+                weights_only=False)
+
+
 # -- trainer -----------------------------------------------------------------------------------
 def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
     from pytorch_lightning import loggers
@@ -154,17 +164,20 @@ def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
 
 
 def build_callbacks(cfg: DictConfig, ctx: RunContext) -> list[pl.Callback]:
+    """``last.ckpt`` (:class:`~stedm.callbacks.LastCheckpoint`), the best checkpoints by
+    ``checkpoint.monitor`` if set, random states and final metrics (:mod:`stedm.callbacks`)."""
     from pytorch_lightning import callbacks
 
+    from stedm.callbacks import LastCheckpoint, RandomState, RunMetrics
+
     ckpt = cfg.checkpoint
-    monitor = ckpt.get("monitor")
-    built: list[pl.Callback] = [
-        callbacks.ModelCheckpoint(
-            dirpath=ctx.checkpoint_dir, save_last=True, monitor=monitor, mode=ckpt.mode,
-            save_top_k=int(ckpt.save_top_k) if monitor else 0,
-            filename="best-{epoch:03d}-{step:07d}", auto_insert_metric_name=False,
-            every_n_train_steps=ckpt.get("every_n_train_steps")),
-    ]
+    built: list[pl.Callback] = []
+    if ckpt.get("monitor"):  # first: trainer.checkpoint_callback is the one that knows the best
+        built.append(callbacks.ModelCheckpoint(
+            dirpath=ctx.checkpoint_dir, monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=int(ckpt.save_top_k),
+            filename="best-{epoch:03d}-{step:07d}", auto_insert_metric_name=False))
+    built += [LastCheckpoint(ctx.checkpoint_dir, ckpt.get("every_n_train_steps")), RandomState(int(cfg.seed)),
+              RunMetrics(ctx.run_dir)]
     if cfg.trainer.get("enable_progress_bar", True):
         built.append(callbacks.TQDMProgressBar(refresh_rate=10))
     return built
@@ -176,12 +189,29 @@ def build_trainer(cfg: DictConfig, ctx: RunContext, **overrides: Any) -> pl.Trai
     loggers = build_loggers(cfg, ctx)
     options.update(
         accelerator=cfg.location.accelerator, devices=ctx.devices, num_nodes=int(cfg.location.num_nodes),
-        strategy=cfg.location.strategy, precision=ctx.precision, default_root_dir=str(ctx.run_dir),
-        logger=loggers or False, callbacks=build_callbacks(cfg, ctx),
+        strategy=build_strategy(cfg.location), precision=ctx.precision, default_root_dir=str(ctx.run_dir),
+        logger=loggers or False, callbacks=build_callbacks(cfg, ctx), plugins=cluster_plugins(),
         use_distributed_sampler=False,  # our samplers shard by rank themselves (stedm.data.sampler)
     )
     options.update(overrides)
     return pl.Trainer(**options)
+
+
+def build_strategy(location: DictConfig, fabric: bool = False) -> Any:
+    """``location.strategy`` for a Trainer (or, ``fabric=True``, for Lightning Fabric), with
+    ``location.backend`` (e.g. ``nccl``) as DDP's process-group backend when given (null:
+    Lightning's choice, nccl on GPUs and gloo on CPUs)."""
+    backend = location.get("backend")
+    if not backend:
+        return location.strategy
+    if location.strategy != "ddp":
+        raise ValueError(f"location.backend={backend} sets the backend of strategy=ddp, but location.strategy="
+                         f"{location.strategy}; use strategy ddp or backend null")
+    if fabric:
+        from lightning_fabric.strategies import DDPStrategy
+    else:
+        from pytorch_lightning.strategies import DDPStrategy
+    return DDPStrategy(process_group_backend=str(backend))
 
 
 def maybe_compile(cfg: DictConfig, module: pl.LightningModule) -> pl.LightningModule:

@@ -2,18 +2,22 @@
 
 ``data.dataset`` maps entry names to ``_target_`` configs (``conf/data/dataset/``), in list
 order; ``data.ratios`` pairs with them (``null`` = 1.0 each). Training draws
-``int(data.samples * ratio)`` items per entry per epoch (:class:`MixedEpochSampler`);
-validation and test use the first entry with ``split=val`` / ``split=test``, unaugmented and
-whole (the evaluator slides a window over them). Every dataset is built, and its first item
+``int(data.samples * ratio)`` items per entry per epoch (:class:`MixedEpochSampler`), each
+item's random draws seeded by its place in the epoch (:class:`SeededItems`), so the stream
+resumes exactly from a checkpoint (:meth:`StedmDataModule.state_dict`); validation and test
+use the first entry with ``split=val`` / ``split=test``, unaugmented and whole (the evaluator
+slides a window over them). Every dataset is built, and its first item
 checked against the sample contract, when the DataModule is created, so configuration
 mistakes surface before any training starts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
@@ -72,6 +76,28 @@ def build_dataset(data: DictConfig, name: str, split: str, transform=None, style
     return dataset
 
 
+class SeededItems(Dataset):
+    """A dataset addressed by ``(index, seed)`` pairs (:class:`MixedEpochSampler` with ``item_seeds``).
+
+    Every random draw of an item (the one the dataset takes from torch's generator to seed its
+    augmentation and style sampling) then follows from the pair alone: a batch does not depend
+    on which worker loads it, on the number of workers, or on whether the run was resumed. The
+    caller's generator state is left untouched.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
 class StedmDataModule(pl.LightningDataModule):
     """Loaders for every stage. ``eval_splits`` picks which of val/test are built."""
 
@@ -107,13 +133,14 @@ class StedmDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         self.sampler = MixedEpochSampler([len(d) for d in self.train_sets], self.ratios, int(self.data.samples),
-                                         seed=self.seed, rank=rank, world_size=world)
+                                         seed=self.seed, rank=rank, world_size=world, item_seeds=True)
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)
             self._pending_state = None
-        return DataLoader(ConcatDataset(self.train_sets), batch_size=self.batch_size, sampler=self.sampler,
-                          num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
-                          drop_last=True, persistent_workers=self.num_workers > 0)
+        return DataLoader(SeededItems(ConcatDataset(self.train_sets)), batch_size=self.batch_size,
+                          sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate,
+                          pin_memory=self.pin_memory, drop_last=True, persistent_workers=self.num_workers > 0,
+                          generator=_loader_generator())
 
     # -- evaluation -----------------------------------------------------------------------------
     def _eval_loader(self, split: str) -> DataLoader:
@@ -121,10 +148,13 @@ class StedmDataModule(pl.LightningDataModule):
             raise RuntimeError(f"no {split} data was built; pass eval_splits including '{split}'")
         # Whole images of varying size: one unit per batch. Each rank takes every world-th unit,
         # without the padding duplicates a DistributedSampler would add to the metrics.
+        # A rank left without a unit (fewer units than processes) repeats one, so that every rank
+        # takes part in the metrics' collective gather; the evaluator counts each unit once.
         rank, world = self._rank_world()
-        units = list(range(rank, len(self.eval_sets[split]), world))
+        size = len(self.eval_sets[split])
+        units = list(range(rank, size, world)) or [rank % size]
         return DataLoader(self.eval_sets[split], batch_size=1, sampler=units, num_workers=self.num_workers,
-                          collate_fn=collate, pin_memory=self.pin_memory)
+                          collate_fn=collate, pin_memory=self.pin_memory, generator=_loader_generator())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -134,10 +164,20 @@ class StedmDataModule(pl.LightningDataModule):
 
     # -- resumable position ---------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Where the training stream stands. Lightning checkpoints between batches (the current
+        batch processed, not yet counted completed) and resumes after the batches it counted
+        processed, so that is the position recorded."""
         if self.sampler is None or self.trainer is None:
             return {}
-        loop = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"sampler": self.sampler.state_dict(consumed=loop.completed * self.batch_size)}
+        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        finished = processed >= self.trainer.num_training_batches
+        return {"sampler": self.sampler.state_dict(consumed=processed * self.batch_size, epoch_finished=finished)}
 
     def load_state_dict(self, state: dict) -> None:
         self._pending_state = state.get("sampler")
+
+
+def _loader_generator() -> torch.Generator:
+    """A loader's own generator: creating its iterator then draws the workers' base seed from it,
+    not from the global generator, whose state the checkpoint restores for training."""
+    return torch.Generator().manual_seed(0)

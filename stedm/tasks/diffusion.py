@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from stedm.run import build_datamodule, build_trainer, maybe_compile, prepare, resume_checkpoint
+from stedm.run import build_datamodule, build_trainer, fit, prepare
 
 CONFIG_KEY = "stedm_model_config"
 
@@ -51,5 +51,5 @@ def train_diffusion(cfg: DictConfig) -> pl.Trainer:
     model = build_model(config, ctx.lr)
     trainer = build_trainer(cfg, ctx)
     trainer.callbacks.append(StoreModelConfig(config))
-    trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ctx))
+    fit(cfg, ctx, trainer, model, datamodule)
     return trainer

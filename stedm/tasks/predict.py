@@ -5,6 +5,8 @@ second (unlabelled pool); which items, their crops and the starting noise all de
 ``(seed, i)``, so pair ``i`` is the same whatever the batch size or number of processes.
 Pairs land in ``<data_dir>/syn_data/<predict_dir>/`` as ``img_%05d.png`` + ``seg_%05d.png``,
 each file written atomically; a pair counts as done once its line is in ``manifest.jsonl``.
+With several processes (``location.devices``/``num_nodes``, started by Lightning Fabric) each
+takes its share of the pairs still to do.
 A restart skips done pairs; a folder written with another checkpoint or other settings is
 refused unless ``overwrite=true``.
 """
@@ -27,11 +29,12 @@ from stedm.data.datamodule import build_dataset, entry_ratios
 from stedm.data.io import write_png_atomic
 from stedm.data.synthetic import MANIFEST, PAIR_IMAGE, PAIR_MASK, read_manifest
 from stedm.data.transforms import train_transform
-from stedm.run import prepare, resolve_precision, uses_cuda
+from stedm.run import prepare, resolve_precision
 from stedm.tasks.diffusion import CONFIG_KEY, build_model
 
 log = logging.getLogger(__name__)
 SETTINGS = ".stedm_settings.json"
+RANK_MANIFEST = "manifest.rank{}.jsonl"  # the records of rank > 0, until rank zero merges them
 
 
 # -- checkpoint --------------------------------------------------------------------------------
@@ -115,8 +118,9 @@ def settings_of(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
             **{k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys}}
 
 
-def open_output(folder: Path, settings: dict[str, Any], overwrite: bool) -> dict[int, dict]:
-    """Create or reuse ``folder``; returns the pairs already done. Never mixes two settings."""
+def open_output(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Create or reuse ``folder`` and gather the pairs an earlier run finished into the manifest.
+    Never mixes two settings."""
     folder.mkdir(parents=True, exist_ok=True)
     stored = folder / SETTINGS
     has_pairs = any(folder.glob("img_*.png")) or (folder / MANIFEST).is_file()
@@ -126,48 +130,101 @@ def open_output(folder: Path, settings: dict[str, Any], overwrite: bool) -> dict
                 raise FileExistsError(f"{folder} holds pairs written with another checkpoint or other settings; "
                                       "choose another +predict_dir, or pass overwrite=true to replace them")
             log.warning("overwrite=true: replacing the pairs in %s", folder)
-            for path in folder.glob("*_*.png"):
-                path.unlink()
-            (folder / MANIFEST).unlink(missing_ok=True)
-    elif any(folder.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{folder} is not empty and was not written by predict_diff.py; "
-                                  "choose another +predict_dir, or pass overwrite=true")
+            for path in [*folder.glob("*_*.png"), folder / MANIFEST, *folder.glob(RANK_MANIFEST.format("*"))]:
+                path.unlink(missing_ok=True)
+    elif any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} is not empty and was not written by predict_diff.py; "
+                              "choose another +predict_dir, or pass overwrite=true")
     stored.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    return read_manifest(folder)
+    merge_rank_manifests(folder)
 
 
-def append_manifest(folder: Path, records: list[dict[str, Any]]) -> None:
-    with (folder / MANIFEST).open("a") as fh:
+def append_manifest(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("a") as fh:
         fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
         fh.flush()
         os.fsync(fh.fileno())
 
 
+def merge_rank_manifests(folder: Path) -> None:
+    """Move the records of the other ranks' manifests into ``manifest.jsonl`` (rank zero's job: it
+    is the manifest's one writer). A line cut short by a kill is dropped: its pair is redone."""
+    done = read_manifest(folder)
+    for part in sorted(folder.glob(RANK_MANIFEST.format("*"))):
+        records = []
+        for line in part.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        append_manifest(folder / MANIFEST, [r for r in records if int(r["index"]) not in done])
+        part.unlink()
+
+
+# -- processes ---------------------------------------------------------------------------------
+def start_processes(cfg: DictConfig, devices: int):
+    """Lightning Fabric with the location's processes (started here when it launches them itself;
+    under SLURM or submitit they exist already). Only used for ranks, barriers and devices: every
+    rank samples its own pairs, no gradients cross processes."""
+    from lightning_fabric import Fabric
+
+    from stedm.run import build_strategy
+
+    fabric = Fabric(accelerator=cfg.location.accelerator, devices=devices, num_nodes=int(cfg.location.num_nodes),
+                    strategy=build_strategy(cfg.location, fabric=True))
+    fabric.launch()
+    return fabric
+
+
+def on_rank_zero_first(fabric, work) -> None:
+    """Run ``work()`` on rank zero while the other ranks wait; its error stops every rank."""
+    error = None
+    if fabric.is_global_zero:
+        try:
+            work()
+        except Exception as caught:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
+            error = caught
+    message = fabric.broadcast(None if error is None else f"{type(error).__name__}: {error}", src=0)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 stopped: {message}")
+
+
 # -- the task ----------------------------------------------------------------------------------
 def predict_pairs(cfg: DictConfig) -> Path:
+    """Pairs ``0 .. num_pairs-1`` into ``<data_dir>/syn_data/<predict_dir>/``: the pairs not done yet
+    are shared out over the processes (rank ``r`` takes every ``world``-th), so the folder holds the
+    same pairs whatever their number. Rank zero alone writes the settings and ``manifest.jsonl``
+    (other ranks record theirs in ``manifest.rank<r>.jsonl``, merged into it at the end)."""
     ctx = prepare(cfg)
     if not cfg.get("predict_dir"):
         raise ValueError("no output folder: pass +predict_dir=NAME (pairs go to <data_dir>/syn_data/NAME)")
     checkpoint = resolve_checkpoint(cfg)
-    device = torch.device("cuda" if uses_cuda(cfg.location) else "cpu")
-    model = load_model(checkpoint).to(device)
+    fabric = start_processes(cfg, ctx.devices)
+    rank, world = fabric.global_rank, fabric.world_size
+    model = load_model(checkpoint).to(fabric.device)
     with_style = model.style is not None
     folder = Path(cfg.location.data_dir) / "syn_data" / str(cfg.predict_dir)
-    done = open_output(folder, settings_of(cfg, checkpoint), bool(cfg.overwrite))
+    on_rank_zero_first(fabric, lambda: open_output(folder, settings_of(cfg, checkpoint), bool(cfg.overwrite)))
+    done = read_manifest(folder)
     source = PairSource(cfg, with_style)
     total = int(cfg.num_pairs) if cfg.get("num_pairs") is not None else 2 * int(cfg.data.samples)
     todo = [i for i in range(total) if i not in done]
-    log.info("%d pairs into %s: %d done, %d to go (checkpoint %s)", total, folder, len(done), len(todo), checkpoint)
+    mine = todo[rank::world]
+    manifest = folder / (MANIFEST if rank == 0 else RANK_MANIFEST.format(rank))
+    if rank == 0:
+        log.info("%d pairs into %s: %d done, %d to go over %d process(es) (checkpoint %s)", total, folder,
+                 len(done), len(todo), world, checkpoint)
     bf16 = resolve_precision(cfg.location).startswith("bf16")
-    progress = tqdm(total=len(todo), unit="pair", desc="pairs", disable=not cfg.get("progress", True))
+    progress = tqdm(total=len(mine), unit="pair", desc="pairs", disable=not cfg.get("progress", True) or rank != 0)
     batch = int(cfg.batch_size)
-    for start in range(0, len(todo), batch):
-        indices = todo[start:start + batch]
+    for start in range(0, len(mine), batch):
+        indices = mine[start:start + batch]
         inputs = [source(i) for i in indices]
         masks = torch.stack([x["mask"] for x in inputs])
         styles = torch.stack([x["style"] for x in inputs]) if with_style else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(fabric.device.type, dtype=torch.bfloat16, enabled=bf16):
             images = model.generate(masks, styles, seed=int(cfg.seed), indices=indices, sampler=cfg.sampler,
                                     steps=int(cfg.steps), spacing=cfg.spacing, cfg_scale=float(cfg.cfg_scale),
                                     rescale=float(cfg.rescale), guidance_mode=cfg.guidance_mode,
@@ -179,8 +236,11 @@ def predict_pairs(cfg: DictConfig) -> Path:
             records.append({"index": i, "seed": int(cfg.seed), "sampler": cfg.sampler, "steps": int(cfg.steps),
                             "cfg_scale": float(cfg.cfg_scale), "checkpoint": str(checkpoint),
                             **{k: v for k, v in x.items() if k not in ("mask", "style")}})
-        append_manifest(folder, records)
+        append_manifest(manifest, records)
         progress.update(len(indices))
     progress.close()
-    log.info("wrote %s", folder)
+    fabric.barrier()
+    if rank == 0:
+        merge_rank_manifests(folder)
+        log.info("wrote %s", folder)
     return folder

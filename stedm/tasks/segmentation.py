@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from stedm.run import build_datamodule, build_trainer, maybe_compile, prepare, resume_checkpoint
+from stedm.run import build_datamodule, build_trainer, fit, prepare
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +19,11 @@ def train_segmentation(cfg: DictConfig) -> dict[str, list[dict]]:
     datamodule = build_datamodule(cfg, ctx, eval_splits=("val", "test"), with_style=False)
     model = instantiate(cfg.model, lr=ctx.lr, output_dir=str(ctx.run_dir))
     trainer = build_trainer(cfg, ctx)
-    trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ctx))
+    fit(cfg, ctx, trainer, model, datamodule)
     results = {}
-    for tag in cfg.get("test_checkpoints") or []:
-        path = checkpoint_for(tag, trainer, ctx.checkpoint_dir)
+    # Paths first: testing restores the callbacks' state from the checkpoint it tests.
+    paths = {tag: checkpoint_for(tag, trainer, ctx.checkpoint_dir) for tag in cfg.get("test_checkpoints") or []}
+    for tag, path in paths.items():
         if path is None:
             log.warning("no '%s' checkpoint (checkpoint.monitor=%s): skipping its test", tag, cfg.checkpoint.monitor)
             continue
@@ -36,5 +37,5 @@ def checkpoint_for(tag: str, trainer, checkpoint_dir: Path) -> str | None:
         path = checkpoint_dir / "last.ckpt"
         return str(path) if path.is_file() else None
     if tag == "best":
-        return trainer.checkpoint_callback.best_model_path or None
+        return getattr(trainer.checkpoint_callback, "best_model_path", None) or None  # set by checkpoint.monitor
     raise ValueError(f"test_checkpoints: unknown entry '{tag}'; use last and/or best")

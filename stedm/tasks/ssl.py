@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from stedm.run import build_datamodule, build_trainer, maybe_compile, prepare, resume_checkpoint
+from stedm.run import build_datamodule, build_trainer, fit, prepare
 
 
 def pretrain(cfg: DictConfig) -> pl.Trainer:
@@ -16,5 +16,5 @@ def pretrain(cfg: DictConfig) -> pl.Trainer:
     model = instantiate(cfg.model, lr=ctx.lr)
     # Pretraining pools unlabelled data, which has no validation split: no validation loop.
     trainer = build_trainer(cfg, ctx, limit_val_batches=0)
-    trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ctx))
+    fit(cfg, ctx, trainer, model, datamodule)
     return trainer

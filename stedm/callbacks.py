@@ -1,0 +1,158 @@
+"""Lightning callbacks every script's Trainer gets (:func:`stedm.run.build_callbacks`).
+
+- :class:`LastCheckpoint`: ``last.ckpt``, written often enough that an interrupted or requeued
+  job loses little (every ``checkpoint.every_n_train_steps`` optimizer steps, at every epoch end
+  and when training stops), atomically, so that a kill never leaves half a file.
+- :class:`RandomState`: every rank's torch / CUDA / numpy / Python generator states travel in
+  the checkpoint, so a resumed run draws the same noise, timesteps and dropout as an
+  uninterrupted one; fresh runs give each rank its own stream.
+- :class:`RunMetrics`: the final metrics of ``fit`` and of every ``test`` go to
+  ``<run dir>/run_metrics.json`` (what the sweep summary reports).
+
+Together with the model and optimizer states, the step counters that Lightning keeps and the
+training sampler's position (:meth:`stedm.data.datamodule.StedmDataModule.state_dict`), a run
+resumed from ``last.ckpt`` mid-epoch ends with the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Checkpoint
+
+LAST = "last.ckpt"
+RUN_METRICS = "run_metrics.json"
+
+
+class LastCheckpoint(Checkpoint):
+    """Keep ``<dirpath>/last.ckpt`` current.
+
+    Saved after every ``every_n_train_steps``-th optimizer step (``None``/0: only at epoch ends),
+    at the end of every training epoch (after its validation) and when fit ends. Lightning calls
+    checkpoint callbacks after the other callbacks of the same hook, but the LightningModule's own
+    ``on_train_batch_end`` runs after them: a module must update state it wants checkpointed
+    (e.g. an EMA) in ``optimizer_step`` or ``training_step``.
+    """
+
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and int(every_n_train_steps) < 0:
+            raise ValueError(f"checkpoint.every_n_train_steps must be >= 0 or null, got {every_n_train_steps}")
+        self.path = Path(dirpath) / LAST
+        self.every_n_train_steps = int(every_n_train_steps or 0)
+        self._saved_step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None:
+            self._saved_step = trainer.global_step  # resumed: the checkpoint holds this step already
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        # The epoch's last batch is saved at the epoch end, after its validation (whose results,
+        # e.g. the best checkpoint so far, belong in the checkpoint).
+        last_batch = trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+        if self.every_n_train_steps and step and step % self.every_n_train_steps == 0 and not last_batch:
+            self.save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Write the checkpoint (all ranks take part) unless this step is saved already."""
+        if self._saved_step == trainer.global_step or trainer.sanity_checking:
+            return
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)  # collective; global rank zero writes
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+        trainer.strategy.barrier("LastCheckpoint.save")
+        self._saved_step = trainer.global_step
+
+
+class RandomState(pl.Callback):
+    """Each rank's generator states in the checkpoint, restored when training resumes.
+
+    A fresh run seeds rank ``r`` with ``seed * 1_000_003 + r`` when training starts (model
+    initialisation before that used ``seed`` on every rank, so the ranks start identical):
+    without it, all ranks would draw the same noise and timesteps for different images.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._loaded: list[dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Called on every rank while a checkpoint is assembled: gather them all for rank zero's file.
+        own = capture_random_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, own)
+            return {"ranks": ranks}
+        return {"ranks": [own]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = list(state_dict.get("ranks") or [])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training starts (or resumes) here: everything that consumed random numbers while
+        # restoring or building loaders is behind us.
+        states, self._loaded = self._loaded, None
+        if states is None:
+            seed_all(self.seed * 1_000_003 + trainer.global_rank)
+        elif len(states) != trainer.world_size:
+            raise ValueError(f"the checkpoint holds the random state of {len(states)} process(es), this run has "
+                             f"{trainer.world_size}; resume with the same number of processes")
+        else:
+            restore_random_state(states[trainer.global_rank])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_random_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device
+    return state
+
+
+def restore_random_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RunMetrics(pl.Callback):
+    """Write the logged metrics at the end of fit (``fit/<name>``) and of every test
+    (``<test_tag>/<name>``, the module's ``test_tag`` or ``test``) to ``run_metrics.json``."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / RUN_METRICS
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, "fit")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, str(getattr(pl_module, "test_tag", "test")))
+
+    def _record(self, trainer: pl.Trainer, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        metrics.update({f"{stage}/{k}": float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        self.path.write_text(json.dumps(metrics, indent=1, sort_keys=True))

@@ -1,0 +1,124 @@
+"""Kill-and-resume: a run killed mid-epoch after a mid-epoch last.ckpt and started again with the
+same command ends with the same step, weights, EMA and optimizer state as a run never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose_in
+from stedm.data.datamodule import StedmDataModule
+from stedm.data.sampler import MixedEpochSampler
+from stedm.tasks.diffusion import train_diffusion
+from stedm.tasks.segmentation import train_segmentation
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["preset=tiny", "data.patch_size=32", "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2"]
+# demo: batch 4, so 8 batches per epoch; 12 steps cross into the second epoch
+DIFFUSION = [*COMMON, "data.samples=32", "trainer.max_steps=12", "diffusion.sample_every_n_steps=0"]
+# 16 batches per epoch, two epochs with validation, then tests with the last and the best checkpoint
+SEGMENTATION = [*COMMON, "data.samples=64", "trainer.max_epochs=2"]
+
+
+def test_a_batch_is_the_same_whatever_the_workers(compose_cfg):
+    cfg = compose_cfg("train_diff", ["preset=tiny", "data.patch_size=32", "data.samples=16"])
+    batches = []
+    for workers in (0, 2):
+        datamodule = StedmDataModule(cfg.data, batch_size=4, num_workers=workers, eval_splits=(),
+                                     style_sampler=instantiate(cfg.style_sampling.sampler))
+        batches.append(list(datamodule.train_dataloader())[:2])
+    for plain, loaded_by_workers in zip(*batches, strict=True):
+        for key in ("image", "mask", "style"):
+            assert torch.equal(plain[key], loaded_by_workers[key]), key
+
+
+def test_sampler_state_after_a_finished_epoch_starts_the_next():
+    sampler = MixedEpochSampler([5, 7], [1.0, 1.0], samples=10, seed=3, item_seeds=True)
+    sampler.set_epoch(4)
+    share = list(sampler)
+    assert len(share) == len(sampler) == 20 and len({seed for _, seed in share}) == 20
+    for state in (sampler.state_dict(consumed=20), sampler.state_dict(consumed=8, epoch_finished=True)):
+        restored = MixedEpochSampler([5, 7], [1.0, 1.0], samples=10, seed=3, item_seeds=True)
+        restored.load_state_dict(state)
+        assert (restored.epoch, restored.start) == (5, 0) and len(list(restored)) == 20
+    mid = MixedEpochSampler([5, 7], [1.0, 1.0], samples=10, seed=3, item_seeds=True)
+    mid.load_state_dict(sampler.state_dict(consumed=8))
+    assert len(mid) == 20 and list(mid) == share[8:]  # len() stays the epoch's: Lightning counts from it
+
+
+def run_script(script: str, root: Path, overrides: list[str], kill_after_first_checkpoint: bool = False) -> None:
+    command = [sys.executable, script, *overrides, f"location.data_dir={root / 'data'}",
+               f"location.result_dir={root / 'results'}"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if kill_after_first_checkpoint:
+        checkpoints = root / "results" / "checkpoints"
+        deadline = time.time() + 300
+        while process.poll() is None and time.time() < deadline and not list(checkpoints.glob("*/last.ckpt")):
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    if not kill_after_first_checkpoint:
+        assert process.returncode == 0, stderr[-3000:]
+
+
+def last_checkpoint(cfg) -> dict:
+    path = Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name / "last.ckpt"
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_killed_mid_epoch(checkpoint: dict, batches_per_epoch: int, total_steps: int) -> None:
+    step = checkpoint["global_step"]
+    assert 0 < step < total_steps and step % batches_per_epoch, \
+        f"the run should have been killed mid-epoch after its first checkpoint (step {step})"
+
+
+def assert_same_training_state(resumed: dict, reference: dict) -> None:
+    assert resumed["global_step"] == reference["global_step"]
+    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
+    for name, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    for own, ref in zip(resumed["optimizer_states"][0]["state"].values(),
+                        reference["optimizer_states"][0]["state"].values(), strict=True):
+        assert all(torch.equal(own[k], ref[k]) for k in ref)
+
+
+@pytest.mark.e2e
+def test_train_diff_resumes_exactly_with_its_ema(tmp_path):
+    reference_cfg = compose_in(tmp_path / "reference", "train_diff", DIFFUSION)
+    train_diffusion(reference_cfg)
+    interrupted = tmp_path / "interrupted"
+    run_script("train_diff.py", interrupted, DIFFUSION, kill_after_first_checkpoint=True)
+    cfg = compose_in(interrupted, "train_diff", DIFFUSION)
+    assert_killed_mid_epoch(last_checkpoint(cfg), batches_per_epoch=8, total_steps=12)
+    run_script("train_diff.py", interrupted, DIFFUSION)  # the same command again: resume=auto
+    resumed, reference = last_checkpoint(cfg), last_checkpoint(reference_cfg)
+    assert_same_training_state(resumed, reference)
+    assert resumed["ema"]["optimization_step"] == reference["ema"]["optimization_step"] == 12
+    for own, ref in zip(resumed["ema"]["shadow_params"], reference["ema"]["shadow_params"], strict=True):
+        assert torch.equal(own, ref)
+
+
+@pytest.mark.e2e
+def test_train_seg_resumes_exactly_and_tests_the_same(tmp_path):
+    reference_cfg = compose_in(tmp_path / "reference", "train_seg", SEGMENTATION)
+    train_segmentation(reference_cfg)
+    interrupted = tmp_path / "interrupted"
+    run_script("train_seg.py", interrupted, SEGMENTATION, kill_after_first_checkpoint=True)
+    cfg = compose_in(interrupted, "train_seg", SEGMENTATION)
+    assert_killed_mid_epoch(last_checkpoint(cfg), batches_per_epoch=16, total_steps=32)
+    run_script("train_seg.py", interrupted, SEGMENTATION)
+    assert_same_training_state(last_checkpoint(cfg), last_checkpoint(reference_cfg))
+    for tag in ("last", "best"):
+        runs = [Path(c.location.result_dir) / "runs" / "train_seg" / c.run_name for c in (cfg, reference_cfg)]
+        assert json.loads((runs[0] / f"metrics_{tag}.json").read_text()) == \
+            json.loads((runs[1] / f"metrics_{tag}.json").read_text())
