@@ -139,10 +139,11 @@ class SSLPretrainer(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._move_ema_to_net()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # One EMA update per optimizer step (not per micro-batch under gradient accumulation).
-        if self.ema.optimization_step < self.trainer.global_step:
-            self.ema.step(self.net.parameters())
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Once per real optimizer step (after gradient accumulation), and before the checkpoint
+        # callbacks of the same batch run, so a resumed run continues the exact EMA.
+        super().optimizer_step(*args, **kwargs)
+        self.ema.step(self.net.parameters())
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """``net.state_dict()`` with every parameter replaced by its EMA value."""
