@@ -117,8 +117,11 @@ def test_paper_ddim_timesteps_follow_ldm_uniform_spacing():
     timesteps = paper_ddim_timesteps(1000, 128)
     assert timesteps.tolist() == [t + 1 for t in range(0, 1000, 1000 // 128)][::-1]
     assert len(timesteps) == 143 and timesteps[0] == 995 and timesteps[-1] == 1
-    with pytest.raises(ValueError, match="steps"):
-        paper_ddim_timesteps(1000, 1000)
+    for steps in (1000, 3, 105):  # the "+ 1" would reach t = T = 1000, outside the schedule
+        with pytest.raises(ValueError, match=f"steps={steps} cannot use the paper spacing"):
+            paper_ddim_timesteps(1000, steps)
+    for steps in (1, 2, 50, 128, 200):
+        assert int(paper_ddim_timesteps(1000, steps).max()) < 1000
 
 
 class Oracle:

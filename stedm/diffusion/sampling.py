@@ -44,12 +44,13 @@ def paper_ddim_timesteps(num_train_timesteps: int = 1000, steps: int = 128) -> t
     ``c = T // steps``; ``range(0, T, c) + 1``. For T = 1000 and 128 steps: c = 7, 143 timesteps
     995, 988, ..., 8, 1.
     """
-    if not 1 <= steps <= num_train_timesteps // 2:
-        # With c = 1 the "+ 1" reaches t = T, outside the schedule (LDM indexes out of range there).
+    stride = num_train_timesteps // steps if steps >= 1 else 0
+    # Where the stride divides T - 1 (e.g. steps 3, 9, 27, 101..111, 251..1000 for T = 1000) the
+    # "+ 1" reaches t = T, outside the schedule: LDM indexes out of range there; we refuse.
+    if stride < 1 or (num_train_timesteps - 1) % stride == 0:
         raise ValueError(
-            f"steps must lie in 1..{num_train_timesteps // 2} for the paper spacing, got {steps}; "
-            "use a diffusers spacing (leading | trailing | linspace) for more steps")
-    stride = num_train_timesteps // steps
+            f"steps={steps} cannot use the paper spacing with T={num_train_timesteps} (its last timestep "
+            "would be T); choose another step count, or a diffusers spacing (leading | trailing | linspace)")
     return (torch.arange(0, num_train_timesteps, stride) + 1).flip(0)
 
 
