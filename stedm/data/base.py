@@ -17,6 +17,14 @@ from torch.utils.data import Dataset
 from stedm.data.contract import IGNORE_INDEX, image_to_tensor, mask_to_tensor
 
 SPLITS = ("train", "val", "test")
+ROLES = ("labelled", "unlabelled")
+
+
+def check_role(role: str, where: str) -> str:
+    """``role`` if it is ``labelled`` or ``unlabelled``; otherwise an error naming ``where``."""
+    if role not in ROLES:
+        raise ValueError(f"{where}: role must be one of {ROLES}, got '{role}'")
+    return role
 
 
 @dataclass

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from stedm.data.base import Record, SegmentationDataset
+from stedm.data.base import Record, SegmentationDataset, check_role
 
 GRID = 4
 REGION = 128
@@ -65,15 +65,13 @@ class DemoDataset(SegmentationDataset):
     def __init__(self, name: str, role: str = "labelled", split: str = "train",
                  class_train_samples: int | None = 4, seed: int = 0, **kwargs) -> None:
         super().__init__(name=name, split=split, **kwargs)
-        if role not in ("labelled", "unlabelled"):
-            raise ValueError(f"dataset '{name}': role must be 'labelled' or 'unlabelled', got '{role}'")
+        self.role = check_role(role, f"dataset '{name}'")
         roles = region_roles(seed)
         pool = roles["pool"]
         k = len(pool) if class_train_samples is None else int(class_train_samples)
         if not 0 < k <= len(pool):
             raise ValueError(f"dataset '{name}': data.class_train_samples={class_train_samples} must be "
                              f"between 1 and {len(pool)} (training regions of the demo image)")
-        self.role = role
         if role == "unlabelled":
             self.regions = sorted(pool[k:])
         elif split == "train":

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stedm.data.base import Record, SegmentationDataset
+from stedm.data.base import Record, SegmentationDataset, check_role
 from stedm.data.io import read_image, require_dir
 
 
@@ -47,9 +47,7 @@ class FlowersDataset(SegmentationDataset):
                  role: str = "labelled", split: str = "train", class_train_samples: int | None = None,
                  **kwargs) -> None:
         super().__init__(name=name, split=split, **kwargs)
-        if role not in ("labelled", "unlabelled"):
-            raise ValueError(f"dataset '{name}': role must be 'labelled' or 'unlabelled', got '{role}'")
-        self.role = role
+        self.role = check_role(role, f"dataset '{name}'")
         self.root = require_dir(root, "Oxford-102", f"data.dataset.{name}.root (or location.data_dir)")
         require_dir(self.root / "imgs", "Oxford-102 images", f"data.dataset.{name}.root")
         labels = load_mat(self.root / "imagelabels.mat", "labels") - 1  # 0-based classes

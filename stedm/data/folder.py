@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from stedm.data.base import SPLITS, Record, SegmentationDataset, check_mask_values
+from stedm.data.base import SPLITS, Record, SegmentationDataset, check_mask_values, check_role
 from stedm.data.io import find_with_stem, image_size, list_images, read_image, read_mask, require_dir
 
 
@@ -50,9 +50,7 @@ class FolderDataset(SegmentationDataset):
                  palette: Mapping[int, Sequence[int]] | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, seed: int = 0, verify: bool = True, **kwargs) -> None:
         super().__init__(name=name, split=split, **kwargs)
-        if role not in ("labelled", "unlabelled"):
-            raise ValueError(f"dataset '{name}': role must be 'labelled' or 'unlabelled', got '{role}'")
-        self.role = role
+        self.role = check_role(role, f"dataset '{name}'")
         self.palette = {int(k): tuple(v) for k, v in palette.items()} if palette else None
         images = require_dir(images_dir, "images", f"data.dataset.{name}.images_dir")
         files = list_images(images)

@@ -21,16 +21,14 @@ Subclasses implement :meth:`find_train_items`, :meth:`find_test_items`, :meth:`r
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stedm.data.base import Record, SegmentationDataset
-
-ROLES = ("labelled", "unlabelled")
+from stedm.data.base import Record, SegmentationDataset, check_role
 
 
 @dataclass(frozen=True)
@@ -100,8 +98,7 @@ class OfficialSplitDataset(SegmentationDataset):
                  style_sampler: Any | None, class_train_samples: int | None, val_fraction: float, seed: int) -> None:
         super().__init__(name=name, split=split, num_classes=num_classes, transform=transform,
                          style_sampler=style_sampler)
-        if role not in ROLES:
-            raise ValueError(f"dataset '{name}': role must be one of {ROLES}, got '{role}'")
+        check_role(role, f"dataset '{name}'")
         if num_classes is not None and num_classes != 2:
             raise ValueError(f"dataset '{name}' has 2 classes (background, foreground); got num_classes={num_classes}")
         self.role = role

@@ -58,7 +58,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from stedm.data.base import Record, SegmentationDataset
+from stedm.data.base import Record, SegmentationDataset, check_role
 from stedm.data.contract import IGNORE_INDEX
 from stedm.data.io import require_dir
 from stedm.data.wsi.annotations import (
@@ -110,8 +110,7 @@ class WSIDataset(SegmentationDataset):
                  test_fraction: float = 0.2, seed: int = 0, cache_dir: str | None = None, **kwargs) -> None:
         super().__init__(name=name, split=split, **kwargs)
         where = f"dataset '{name}'"
-        if role not in ("labelled", "unlabelled"):
-            raise ValueError(f"{where}: role must be 'labelled' or 'unlabelled', got '{role}'")
+        check_role(role, where)
         sizes = {"patch_size": patch_size, "downsample": downsample, "annotation_downsample": annotation_downsample,
                  "epoch_length": epoch_length, "max_unit_patches": max_unit_patches}
         if any(v <= 0 for v in sizes.values()) or eval_context < 0:
