@@ -129,12 +129,16 @@ class Oracle:
 
     def __init__(self, scheduler, x0):
         self.alphas_cumprod, self.x0, self.calls = scheduler.alphas_cumprod, x0, 0
+        self.first_noise = None  # the noise implied by the first call's x_t
 
     def __call__(self, x_t, t):
         assert t.shape == (x_t.shape[0],) and t.dtype == torch.long
         self.calls += 1
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        return (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
+        eps = (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
+        if self.first_noise is None:
+            self.first_noise = eps
+        return eps
 
 
 def test_paper_ddim_makes_143_calls_and_ends_at_t0_of_the_trajectory():
@@ -149,15 +153,73 @@ def test_paper_ddim_makes_143_calls_and_ends_at_t0_of_the_trajectory():
     torch.testing.assert_close(out, a[0].sqrt() * x0 + (1 - a[0]).sqrt() * noise, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler,spacing", [("ddim", "trailing"), ("ddim", "leading"), ("dpm_solver", None),
-                                             ("dpm_solver", "trailing")])
-def test_diffusers_samplers_recover_x0_in_the_requested_steps(sampler, spacing):
+@pytest.mark.parametrize("sampler,spacing", [("ddim", "trailing"), ("ddim", "leading")])
+def test_diffusers_ddim_recovers_x0_in_the_requested_steps(sampler, spacing):
     scheduler = make_scheduler()
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     oracle = Oracle(scheduler, x0)
     out = sample(oracle, torch.randn(2, 3, 8, 8), scheduler, sampler=sampler, steps=12, spacing=spacing)
     assert oracle.calls == 12
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spacing", [None, "logsnr", "trailing", "linspace"])
+def test_dpm_solver_ends_at_t0_like_the_paper_ddim_in_the_requested_steps(spacing):
+    """With the exact noise of a known x0 the deterministic trajectory is known in closed form; the
+    solver must stop where the paper's DDIM stops (t = 0 of the schedule, not pure x0)."""
+    scheduler = make_scheduler()
+    x0, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    oracle = Oracle(scheduler, x0)
+    out = sample(oracle, noise, scheduler, sampler="dpm_solver", steps=12, spacing=spacing)
+    assert oracle.calls == 12
+    a0 = scheduler.alphas_cumprod[0]
+    torch.testing.assert_close(out, a0.sqrt() * x0 + (1 - a0).sqrt() * oracle.first_noise, atol=1e-4, rtol=1e-4)
+
+
+def gaussian_eps(scheduler, data_std: float):
+    """The exact eps-prediction for data ~ N(0, data_std^2): eps = sqrt(1 - a) x / (a s^2 + 1 - a)."""
+    a_bar = scheduler.alphas_cumprod.double()
+
+    def model_fn(x_t, t):
+        a = a_bar[t].view(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * x_t / (a * data_std**2 + 1 - a)).to(x_t.dtype)
+
+    return model_fn
+
+
+@pytest.mark.parametrize("sampler,steps,tolerance", [("ddim", 500, 0.02), ("ddim", 128, 0.06),
+                                                     ("dpm_solver", 20, 0.015), ("dpm_solver", 10, 0.05)])
+def test_samplers_solve_the_same_ode_from_the_same_noise(sampler, steps, tolerance):
+    """For Gaussian data the probability-flow ODE keeps x_t / sqrt(Var x_t) constant, so a sampler
+    started from noise scaled to its first timestep's variance must reach noise * sqrt(Var x_0)
+    at t = 0. The paper's DDIM and the fast multistep solvers (logsnr spacing) all get there
+    within a few per cent, so they agree with each other (the demo model: sampler_agreement.py);
+    the paper's DDIM-143 is the least exact of them."""
+    scheduler = make_scheduler()
+    a_bar = scheduler.alphas_cumprod.double()
+    noise = noise_for_indices(range(3), seed=7, shape=(3, 8, 8)).double()
+    for data_std in (0.25, 0.5, 1.0):
+        variance = a_bar * data_std**2 + 1 - a_bar
+        first = {"ddim": int(paper_ddim_timesteps(1000, steps)[0])}.get(sampler, 999)
+        out = sample(gaussian_eps(scheduler, data_std), (noise * variance[first].sqrt()).float(), scheduler,
+                     sampler=sampler, steps=steps)
+        relative = (out.double() / (noise * variance[0].sqrt()) - 1).abs().max()
+        assert relative < tolerance, (data_std, float(relative))
+
+
+def test_logsnr_spacing_beats_uniform_time_spacing_with_few_steps():
+    """Why logsnr is the multistep default: with 10 steps a uniform-in-t spacing ends with one
+    step across most of the low-noise range and misses the exact ODE solution far more."""
+    scheduler, data_std = make_scheduler(), 0.5
+    a_bar = scheduler.alphas_cumprod.double()
+    variance = a_bar * data_std**2 + 1 - a_bar
+    noise = torch.ones(1, 1, 2, 2, dtype=torch.float64)
+    errors = {}
+    for spacing in ("logsnr", "linspace"):
+        out = sample(gaussian_eps(scheduler, data_std), (noise * variance[999].sqrt()).float(), scheduler,
+                     sampler="dpm_solver", steps=10, spacing=spacing)
+        errors[spacing] = float((out.double() / variance[0].sqrt() - 1).abs().max())
+    assert errors["logsnr"] < 0.05 < errors["linspace"]
 
 
 def test_ddpm_sampler_is_reproducible_with_a_generator():
@@ -175,6 +237,8 @@ def test_sample_rejects_unknown_sampler_and_paper_spacing_outside_ddim():
         sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, sampler="euler")
     with pytest.raises(ValueError, match="paper"):
         sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, sampler="dpm_solver", spacing="paper")
+    with pytest.raises(ValueError, match="spacing of sampler 'ddpm' must be one of"):
+        sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, sampler="ddpm", spacing="logsnr")
 
 
 def test_noise_per_index_does_not_depend_on_the_batch():

@@ -14,12 +14,18 @@ Samplers:
 ``ddim`` with a diffusers spacing (``leading`` | ``trailing`` | ``linspace``)
     diffusers' :class:`~diffusers.DDIMScheduler` (eta = 0, final alpha 1): exactly ``steps`` calls.
 ``dpm_solver``
-    diffusers' :class:`~diffusers.DPMSolverMultistepScheduler` (DPM-Solver++, 2nd order).
+    diffusers' :class:`~diffusers.DPMSolverMultistepScheduler` (DPM-Solver++, 2nd-order multistep).
 ``ddpm``
     diffusers' ancestral :class:`~diffusers.DDPMScheduler` (GenSelfDiff-HIS' 1000-step sampler);
     the only stochastic one, pass ``generator`` for reproducible runs.
 
-All of them are built from the betas of the training scheduler.
+All of them are built from the betas of the training scheduler. ``dpm_solver`` places its
+steps uniformly in log-SNR by default (spacing ``logsnr``, DPM-Solver's recommendation: with few
+steps, uniform-in-t spacings leave one huge last step), at integer timesteps so the network sees
+exactly the noise level the solver assumes, and ends at t = 0 of the training schedule
+(``final_sigmas_type`` ``sigma_min``), where the paper's DDIM ends too: both solve the same ODE
+over the same interval, so their results can be compared pair by pair
+(``benchmarks/sampler_agreement.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from stedm.diffusion.guidance import ModelFn
 
 SAMPLERS = ("ddim", "dpm_solver", "ddpm")
+LOGSNR = "logsnr"  # steps uniform in log-SNR (dpm_solver)
 DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
 
 Progress = Callable[[Iterable], Iterable]
@@ -92,8 +99,8 @@ def sample(
     """Run ``sampler`` from ``noise`` (B x C x h x w) and return the clean latent x0.
 
     ``scheduler`` is the training scheduler (its betas define every sampler). ``spacing`` None
-    means ``paper`` for ``ddim`` and diffusers' default for the others. ``progress`` wraps the
-    timestep iterable (e.g. ``tqdm``). ``generator`` drives the noise of ``ddpm`` only.
+    means ``paper`` for ``ddim``, ``logsnr`` for ``dpm_solver``, diffusers' default for ``ddpm``. ``progress`` wraps the timestep iterable (e.g. ``tqdm``). ``generator`` drives
+    the noise of ``ddpm`` only.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -101,7 +108,31 @@ def sample(
     if sampler == "ddim" and spacing in (None, "paper"):
         timesteps = paper_ddim_timesteps(scheduler.config.num_train_timesteps, steps)
         return _ddim_paper(model_fn, noise, scheduler.alphas_cumprod, timesteps, progress)
-    return _diffusers_loop(model_fn, noise, _diffusers_sampler(sampler, scheduler, spacing), steps, progress, generator)
+    diffusers_scheduler = _diffusers_sampler(sampler, scheduler, spacing)
+    if sampler == "dpm_solver" and spacing in (None, LOGSNR):
+        diffusers_scheduler.set_timesteps(timesteps=logsnr_timesteps(scheduler.alphas_cumprod, steps).tolist(),
+                                          device=noise.device)
+    else:
+        diffusers_scheduler.set_timesteps(steps, device=noise.device)
+    return _diffusers_loop(model_fn, noise, diffusers_scheduler, progress, generator)
+
+
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` integer timesteps, descending from T - 1, spaced uniformly in log-SNR between
+    t = T - 1 and t = 0 (the last step, to t = 0, is the solver's final one, not listed)."""
+    num_train_timesteps = len(alphas_cumprod)
+    if not 1 <= steps < num_train_timesteps:
+        raise ValueError(f"steps must lie in 1..{num_train_timesteps - 1}, got {steps}")
+    a = alphas_cumprod.double()
+    log_snr = torch.log(a / (1 - a))  # decreasing in t
+    grid = torch.linspace(float(log_snr[-1]), float(log_snr[0]), steps + 1, dtype=torch.float64)[:-1]
+    nearest = torch.searchsorted(-log_snr, -grid).clamp(1, num_train_timesteps - 1)
+    timesteps = [int(nearest[0])]
+    for t in nearest[1:].tolist():  # strictly descending, at least 1 (many steps crowd near t = 0)
+        timesteps.append(max(1, min(t, timesteps[-1] - 1)))
+    if timesteps[-1] < 1 or len(set(timesteps)) != steps:
+        raise ValueError(f"steps={steps} is too many for the logsnr spacing; use fewer or spacing 'linspace'")
+    return torch.tensor(timesteps)
 
 
 def _ddim_paper(
@@ -120,19 +151,20 @@ def _ddim_paper(
 
 
 def _diffusers_sampler(sampler: str, scheduler: DDPMScheduler, spacing: str | None):
+    allowed = (*DIFFUSERS_SPACINGS, LOGSNR) if sampler == "dpm_solver" else DIFFUSERS_SPACINGS
     if spacing == "paper":
-        raise ValueError(f"spacing 'paper' exists for sampler 'ddim' only; {sampler!r} takes {DIFFUSERS_SPACINGS}")
-    if spacing is not None and spacing not in DIFFUSERS_SPACINGS:
-        raise ValueError(f"spacing must be 'paper' or one of {DIFFUSERS_SPACINGS}, got {spacing!r}")
+        raise ValueError(f"spacing 'paper' exists for sampler 'ddim' only; {sampler!r} takes {allowed}")
+    if spacing is not None and spacing not in allowed:
+        raise ValueError(f"spacing of sampler {sampler!r} must be one of {allowed}, got {spacing!r}")
     # The model_fn always returns eps, whatever the network was trained to predict.
     overrides = {"prediction_type": "epsilon", "trained_betas": scheduler.betas.tolist()}
-    if spacing is not None:
+    if spacing is not None and spacing != LOGSNR:
         overrides["timestep_spacing"] = spacing
     if sampler == "ddim":
         return DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=True, **overrides)
-    if sampler == "dpm_solver":
-        return DPMSolverMultistepScheduler.from_config(
-            scheduler.config, algorithm_type="dpmsolver++", solver_order=2, **overrides)
+    if sampler == "dpm_solver":  # ends at t = 0 like the paper's DDIM
+        return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       final_sigmas_type="sigma_min", **overrides)
     return DDPMScheduler.from_config(scheduler.config, clip_sample=False, **overrides)
 
 
@@ -140,11 +172,9 @@ def _diffusers_loop(
     model_fn: ModelFn,
     x: torch.Tensor,
     scheduler,
-    steps: int,
     progress: Progress,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    scheduler.set_timesteps(steps, device=x.device)
     x = x * scheduler.init_noise_sigma
     for t in progress(scheduler.timesteps):
         eps = model_fn(scheduler.scale_model_input(x, t), t.expand(x.shape[0]))
