@@ -77,6 +77,22 @@ def test_style_changes_the_prediction_and_trains(injection):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.style_block.parameters())
 
 
+@pytest.mark.parametrize("injection", ["add", "cross_attention"])
+def test_forward_guided_equals_two_forward_passes(injection):
+    unet = build_denoiser("tiny", style_dim=16, style_injection=injection).eval()
+    x, t = torch.randn(2, 6, 16, 16), torch.tensor([10, 700])
+    style, null = torch.randn(2, 16), torch.randn(2, 16)
+    with torch.no_grad():
+        cond, uncond = unet.forward_guided(x, t, style, null)
+        torch.testing.assert_close(cond, unet(x, t, style), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(uncond, unet(x, t, null), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(cond, uncond)
+    with pytest.raises(ValueError, match="style must be"):
+        unet.forward_guided(x, t, style, null[:1])
+    with pytest.raises(ValueError, match="needs a style path"):
+        build_denoiser("tiny", style_injection=None).forward_guided(x, t, style, null)
+
+
 def test_no_style_injection_has_no_style_parameters():
     model = build_denoiser("tiny", style_injection=None)
     assert model.style_block is None

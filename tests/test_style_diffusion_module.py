@@ -186,6 +186,21 @@ def test_generate_returns_clipped_images_and_guidance_switches_off_at_scale_one(
                                atol=1e-4, rtol=1e-4)
 
 
+def test_shared_trunk_guidance_gives_the_two_pass_images_with_one_trunk_pass_per_step(trained):
+    mask, style = torch.randint(0, 2, (2, SIZE, SIZE)), torch.rand(2, 2, 3, SIZE, SIZE) * 2 - 1
+    trunk_batches = []
+    hook = trained.denoiser.unet.conv_in.register_forward_hook(lambda m, i, o: trunk_batches.append(o.shape[0]))
+    try:
+        shared = trained.generate(mask, style, cfg_scale=2.0, sampler="dpm_solver", steps=4, shared_trunk=True)
+        assert trunk_batches == [2] * 4  # the layers before the style block: once per step, conditional batch only
+        trunk_batches.clear()
+        two_pass = trained.generate(mask, style, cfg_scale=2.0, sampler="dpm_solver", steps=4, batched_guidance=False)
+        assert trunk_batches == [2] * 8
+    finally:
+        hook.remove()
+    torch.testing.assert_close(shared, two_pass, atol=1e-4, rtol=1e-4)
+
+
 def test_generate_samples_with_the_ema_weights(trained):
     mask, style = torch.randint(0, 2, (2, SIZE, SIZE)), torch.rand(2, 2, 3, SIZE, SIZE) * 2 - 1
     with_ema = trained.generate(mask, style)

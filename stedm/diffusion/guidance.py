@@ -23,6 +23,13 @@ def _per_sample_std(x: torch.Tensor) -> torch.Tensor:
     return x.std(dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
+def check_guidance(rescale: float, mode: str) -> None:
+    if mode not in GUIDANCE_MODES:
+        raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, got {mode!r}")
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+
+
 def guide(
     eps_cond: torch.Tensor,
     eps_uncond: torch.Tensor,
@@ -37,10 +44,7 @@ def guide(
     ``mode="diffusers"``: the same, but mixed with e_w instead of e_c.
     The standard deviations are per sample, over all non-batch dimensions.
     """
-    if mode not in GUIDANCE_MODES:
-        raise ValueError(f"guidance mode must be one of {GUIDANCE_MODES}, got {mode!r}")
-    if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+    check_guidance(rescale, mode)
     if scale == 1.0:
         return eps_cond
     guided = eps_uncond + scale * (eps_cond - eps_uncond)
@@ -50,6 +54,21 @@ def guide(
         return rescale_noise_cfg(guided, eps_cond, guidance_rescale=rescale)
     rescaled = guided * (_per_sample_std(eps_cond) / _per_sample_std(guided))
     return rescale * rescaled + (1.0 - rescale) * eps_cond
+
+
+def guided_pair_fn(
+    pair_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    rescale: float = 0.7,
+    mode: str = "stedm",
+) -> ModelFn:
+    """Wrap ``pair_fn(x_t, t) -> (eps_cond, eps_uncond)`` into a guided ``model_fn(x_t, t) -> eps``."""
+    check_guidance(rescale, mode)  # now, not in the middle of sampling
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return guide(*pair_fn(x_t, t), scale, rescale, mode)
+
+    return model_fn
 
 
 def guided_model_fn(
@@ -65,7 +84,7 @@ def guided_model_fn(
 
     ``cond`` and ``uncond`` are the condition tensors (batch first) of the two halves, passed to
     ``eps_fn`` positionally. ``batched=True`` evaluates both halves in ONE forward pass over the
-    concatenated batch (the fast path); ``batched=False`` makes two passes (the reference the
+    concatenated batch; ``batched=False`` makes two passes (the original's way, the reference the
     benchmark compares against). With ``scale`` 1 only the conditional half is evaluated.
     """
     if len(cond) != len(uncond):
@@ -77,12 +96,11 @@ def guided_model_fn(
     if batched:
         both = [torch.cat([c, u]) for c, u in zip(cond, uncond)]
 
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            eps_cond, eps_uncond = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), *both).chunk(2)
-            return guide(eps_cond, eps_uncond, scale, rescale, mode)
+        def pair_fn(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), *both).chunk(2)
     else:
 
-        def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return guide(eps_fn(x_t, t, *cond), eps_fn(x_t, t, *uncond), scale, rescale, mode)
+        def pair_fn(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return eps_fn(x_t, t, *cond), eps_fn(x_t, t, *uncond)
 
-    return model_fn
+    return guided_pair_fn(pair_fn, scale, rescale, mode)

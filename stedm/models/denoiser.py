@@ -112,22 +112,45 @@ class StyleUNet(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor | float | int, style: Tensor | None = None) -> Tensor:
         self._check_inputs(x, style)
+        return self._head(*self._trunk(x, timesteps), style)
+
+    def forward_guided(self, x: Tensor, timesteps: Tensor | float | int, style: Tensor,
+                       null_style: Tensor) -> tuple[Tensor, Tensor]:
+        """``(forward(x, t, style), forward(x, t, null_style))`` with the shared work done once.
+
+        Everything before the style block (input conv, down path, first middle res block) sees
+        only ``x`` and ``t``, so classifier-free guidance on the style can compute it once and
+        run only the rest (style block, middle, up path) on both halves: the same result as two
+        forward passes, for the cost of about 1.6 (paper preset).
+        """
+        if self.style_block is None:
+            raise ValueError("forward_guided() needs a style path; this StyleUNet has style_injection=null")
+        self._check_inputs(x, style)
+        self._check_inputs(x, null_style)
+        h, skips, emb = self._trunk(x, timesteps)
+        both = self._head(torch.cat([h, h]), tuple(torch.cat([s, s]) for s in skips), torch.cat([emb, emb]),
+                          torch.cat([style, null_style]))
+        return both.chunk(2)
+
+    def _trunk(self, x: Tensor, timesteps: Tensor | float | int) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+        """The layers before the style block: (features, skip connections, time embedding)."""
         unet = self.unet
         emb = self._embed_timesteps(timesteps, x)
-
         h = unet.conv_in(x)
         skips: tuple[Tensor, ...] = (h,)
         for block in unet.down_blocks:
             h, res = block(hidden_states=h, temb=emb)
             skips += res
+        return unet.mid_block.resnets[0](h, emb), skips, emb
 
+    def _head(self, h: Tensor, skips: tuple[Tensor, ...], emb: Tensor, style: Tensor | None) -> Tensor:
+        """The style block and everything after it."""
+        unet = self.unet
         mid = unet.mid_block
-        h = mid.resnets[0](h, emb)
         if self.style_block is not None:
             h = self.style_block(h, style.to(h.dtype))
         for attention, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
             h = resnet(attention(h), emb)
-
         for block in unet.up_blocks:
             n = len(block.resnets)
             h = block(h, skips[-n:], emb)

@@ -8,7 +8,8 @@ never dropped.
 
 Fixed with respect to the original: the style encoder and aggregator are optimised, the EMA
 weights are the ones used for sampling, the first stage encodes whole batches, and guidance
-evaluates both halves in one batched forward pass.
+evaluates both halves in one batched forward pass that computes the layers before the style
+block only once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from stedm.data.contract import IGNORE_INDEX, tensor_to_image
-from stedm.diffusion.guidance import GUIDANCE_MODES, guided_model_fn
+from stedm.diffusion.guidance import GUIDANCE_MODES, guided_model_fn, guided_pair_fn
 from stedm.diffusion.sampling import SAMPLERS, Progress, noise_for_indices, sample
 from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
 from stedm.models.style import null_style_like
@@ -65,8 +66,8 @@ class StyleDiffusion(pl.LightningModule):
             then uses the live weights).
         sample_every_n_steps: write a sample grid every this many optimizer steps (0/None: never).
         num_sample_images: rows of that grid (taken from the current training batch).
-        sampler, sample_steps, spacing, cfg_scale, rescale, guidance_mode, batched_guidance:
-            defaults of :meth:`generate` (see :func:`stedm.diffusion.sampling.sample` and
+        sampler, sample_steps, spacing, cfg_scale, rescale, guidance_mode, batched_guidance,
+        shared_trunk: defaults of :meth:`generate` (see :func:`stedm.diffusion.sampling.sample` and
             :func:`stedm.diffusion.guidance.guide`).
         sample_seed: seed of the starting noise of the sample grid.
     """
@@ -95,6 +96,7 @@ class StyleDiffusion(pl.LightningModule):
         rescale: float = 0.7,
         guidance_mode: str = "stedm",
         batched_guidance: bool = True,
+        shared_trunk: bool = True,
         sample_seed: int = 0,
     ):
         super().__init__()
@@ -152,6 +154,12 @@ class StyleDiffusion(pl.LightningModule):
         output = self.denoiser(torch.cat([x_t, layout], dim=1), t, style_vector)
         # float32 from here on: guidance statistics and sampler updates are not for bf16 autocast
         return to_epsilon(self.noise_scheduler, output.float(), x_t, t)
+
+    def _predict_eps_pair(self, x_t: Tensor, t: Tensor, layout: Tensor, style_vector: Tensor,
+                          null_style_vector: Tensor) -> tuple[Tensor, Tensor]:
+        """(conditional, unconditional) eps of one input, the denoiser's shared trunk computed once."""
+        outputs = self.denoiser.forward_guided(torch.cat([x_t, layout], dim=1), t, style_vector, null_style_vector)
+        return tuple(to_epsilon(self.noise_scheduler, output.float(), x_t, t) for output in outputs)
 
     def _training_style(self, batch: dict[str, Any]) -> Tensor | None:
         """The batch's style images with style dropout applied (None without a style path)."""
@@ -257,6 +265,7 @@ class StyleDiffusion(pl.LightningModule):
         rescale: float | None = None,
         guidance_mode: str | None = None,
         batched_guidance: bool | None = None,
+        shared_trunk: bool | None = None,
         progress: Progress | None = None,
     ) -> Tensor:
         """Images B x 3 x H x W in [-1, 1] for layouts ``mask`` (B x H x W) in the style of ``style``.
@@ -266,6 +275,11 @@ class StyleDiffusion(pl.LightningModule):
         from (``seed``, ``indices[i]``) (``indices`` default 0..B-1), so a pair's image does not
         depend on the batch it is generated in. Sampling arguments left ``None`` take the module's
         defaults. Uses the EMA weights; guidance only with a style and ``cfg_scale`` != 1.
+
+        Guidance passes: ``batched_guidance`` False runs the conditional and the unconditional
+        half as two forward passes (the original's way); True runs them as one batch, and with
+        ``shared_trunk`` (and a denoiser that has ``forward_guided``) computes the layers before
+        the style block once for both halves. All three give the same images.
         """
         hp = self.hparams
         sampler, steps = sampler or hp.sampler, steps or hp.sample_steps
@@ -274,6 +288,7 @@ class StyleDiffusion(pl.LightningModule):
         rescale = hp.rescale if rescale is None else rescale
         guidance_mode = guidance_mode or hp.guidance_mode
         batched_guidance = hp.batched_guidance if batched_guidance is None else batched_guidance
+        shared_trunk = hp.shared_trunk if shared_trunk is None else shared_trunk
         if (style is None) != (self.style is None):
             raise ValueError("generate(): pass style images exactly when the model has a style path "
                              f"(it has {'none' if self.style is None else 'one'})")
@@ -302,8 +317,13 @@ class StyleDiffusion(pl.LightningModule):
                     style = style.to(self.device)
                     cond = self.style(style)
                     uncond = cond if cfg_scale == 1.0 else self.style(null_style_like(style))
-                    model_fn = guided_model_fn(self._predict_eps, (layout, cond), (layout, uncond), cfg_scale,
-                                               rescale, guidance_mode, batched_guidance)
+                    if cfg_scale != 1.0 and batched_guidance and shared_trunk and hasattr(self.denoiser,
+                                                                                            "forward_guided"):
+                        model_fn = guided_pair_fn(lambda x_t, t: self._predict_eps_pair(x_t, t, layout, cond, uncond),
+                                                  cfg_scale, rescale, guidance_mode)
+                    else:
+                        model_fn = guided_model_fn(self._predict_eps, (layout, cond), (layout, uncond), cfg_scale,
+                                                   rescale, guidance_mode, batched_guidance)
                 latents = sample(model_fn, noise.to(self.device), self.noise_scheduler, sampler, steps, spacing,
                                  progress)
                 return self.first_stage.decode(latents).clamp(-1.0, 1.0)

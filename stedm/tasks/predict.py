@@ -226,9 +226,10 @@ def predict_pairs(cfg: DictConfig) -> Path:
         styles = torch.stack([x["style"] for x in inputs]) if with_style else None
         with torch.autocast(fabric.device.type, dtype=torch.bfloat16, enabled=bf16):
             images = model.generate(masks, styles, seed=int(cfg.seed), indices=indices, sampler=cfg.sampler,
-                                    steps=int(cfg.steps), spacing=cfg.spacing, cfg_scale=float(cfg.cfg_scale),
-                                    rescale=float(cfg.rescale), guidance_mode=cfg.guidance_mode,
-                                    batched_guidance=bool(cfg.batched_guidance))
+                                    steps=int(cfg.steps), spacing=cfg.spacing,
+                                    cfg_scale=float(cfg.cfg_scale), rescale=float(cfg.rescale),
+                                    guidance_mode=cfg.guidance_mode, batched_guidance=bool(cfg.batched_guidance),
+                                    shared_trunk=bool(cfg.shared_trunk))
         records = []
         for i, x, image in zip(indices, inputs, tensor_to_image(images)):
             write_png_atomic(image, folder / PAIR_IMAGE.format(i))
