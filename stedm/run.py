@@ -215,10 +215,20 @@ def build_strategy(location: DictConfig, fabric: bool = False) -> Any:
 
 
 def maybe_compile(cfg: DictConfig, module: pl.LightningModule) -> pl.LightningModule:
+    """Compile the module's networks in place when ``location.compile`` asks for it (true or a
+    ``torch.compile`` mode). A LightningModule's training step calls its networks directly, not
+    its ``forward``, so the networks it names in ``compile_targets`` are compiled, each in place
+    (``nn.Module.compile``): parameter names and checkpoints stay as they are."""
     mode = cfg.location.get("compile")
     if not mode:
         return module
-    return torch.compile(module, mode=None if mode is True or mode == "default" else str(mode))
+    targets = getattr(module, "compile_targets", ())
+    if not targets:
+        raise ValueError(f"location.compile={mode!r}, but {type(module).__name__} names no compile_targets; "
+                         "set location.compile=false")
+    for name in targets:
+        getattr(module, name).compile(mode=None if mode is True or mode == "default" else str(mode))
+    return module
 
 
 # -- data --------------------------------------------------------------------------------------

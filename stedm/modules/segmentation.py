@@ -53,6 +53,8 @@ class Segmenter(pl.LightningModule):
     ``tag`` is :attr:`test_tag` (set it to ``"last"`` / ``"best"`` before ``trainer.test``).
     """
 
+    compile_targets = ("net",)  # compiled in place by location.compile (stedm.run.maybe_compile)
+
     def __init__(
         self,
         net: nn.Module,

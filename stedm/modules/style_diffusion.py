@@ -42,6 +42,8 @@ LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
 class StyleDiffusion(pl.LightningModule):
     """Layout- and style-conditioned diffusion (STEDM).
 
+    ``location.compile`` compiles the networks named in ``compile_targets`` (the denoiser).
+
     Args:
         denoiser: ``forward(x: B x (latent_channels + layout channels) x h x w, t: B,
             style: B x D | None) -> B x latent_channels x h x w`` (:func:`stedm.models.denoiser.build_denoiser`).
@@ -71,6 +73,8 @@ class StyleDiffusion(pl.LightningModule):
             :func:`stedm.diffusion.guidance.guide`).
         sample_seed: seed of the starting noise of the sample grid.
     """
+
+    compile_targets = ("denoiser",)
 
     def __init__(
         self,
