@@ -43,48 +43,29 @@ side by side in one run, with the speed-up and memory ratios.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 CFG_SCALE = 1.5
-PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 #: AdamW keyword arguments per optimizer variant (None = torch's default choice).
 OPTIMIZERS = {"default": {"fused": None, "foreach": None}, "foreach": {"fused": None, "foreach": True},
               "fused": {"fused": True, "foreach": None}}
 
 
 # -- building blocks: configs, model, inputs -------------------------------------------------------
-def compose(config_name: str, preset: str, overrides: tuple[str, ...] = ()):
-    """``conf/<config_name>.yaml`` composed as the entry script would, with ``preset`` and, unless an
-    override names another, ``location=local`` (whatever this machine has)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import stedm  # noqa: F401  (registers the config resolvers)
-
-    location = () if any(o.startswith("location=") for o in overrides) else ("location=local",)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=[f"preset={preset}", *location, *overrides])
-
-
 def build_module(preset: str, overrides: tuple[str, ...] = ()):
     """``(StyleDiffusion, cfg)`` exactly as ``train_diff.py`` builds them (sample grid disabled)."""
     from stedm.run import batch_size, learning_rate
     from stedm.tasks.diffusion import build_model, model_config
 
-    cfg = compose("train_diff", preset, ("diffusion.sample_every_n_steps=0", *overrides))
+    cfg = H.compose("train_diff", preset, ("diffusion.sample_every_n_steps=0", *overrides))
     torch.manual_seed(0)
     return build_model(model_config(cfg), learning_rate(cfg, batch_size(cfg), 1)), cfg
 
@@ -103,16 +84,8 @@ def synthetic_inputs(module, cfg, batch: int, latent_size: int, seed: int = 0) -
     return inputs
 
 
-def quiet_libraries() -> None:
-    """Keep Lightning's start-up chatter and known warnings out of the tables."""
-    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def precision_override(precision: str | None) -> tuple[str, ...]:
-    return () if precision is None else (f"location.precision={PRECISIONS[precision]}",)
+    return () if precision is None else (f"location.precision={H.PRECISIONS[precision]}",)
 
 
 def optimizer_overrides(optimizer: str | None) -> tuple[str, ...]:
@@ -150,45 +123,6 @@ def reference_train_setup(preset: str) -> TrainSetup:
     return TrainSetup(preset, "fp32", "default", ("location.compile=false",))
 
 
-def _step_timer(device: str, warmup: int):
-    import pytorch_lightning as pl
-
-    class StepTimer(pl.Callback):
-        """Times every training step (forward, backward, optimizer, EMA; wall clock and this
-        process's CPU time), counts the FLOPs of the first (untimed) one and tracks peak memory over
-        the timed ones."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.cpu_times: list[float] = []
-            self.flops = 0
-            self.memory = H.PeakMemory(device)
-            self._counter = None
-
-        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-            if batch_idx == 0:
-                self._counter = H.flop_counter()
-                self._counter.__enter__()
-            if batch_idx == warmup:
-                self.memory.start()
-            H.synchronize(device)
-            self._start, self._cpu_start = time.perf_counter(), time.process_time()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            H.synchronize(device)
-            elapsed, cpu = time.perf_counter() - self._start, time.process_time() - self._cpu_start
-            if batch_idx == 0:
-                self._counter.__exit__(None, None, None)
-                self.flops = self._counter.get_total_flops()
-            if batch_idx >= warmup:
-                self.times.append(elapsed)
-                self.cpu_times.append(cpu)
-            if batch_idx == trainer.max_steps - 1:
-                self.memory.stop()
-
-    return StepTimer()
-
-
 def measure_training(device: str, setup: TrainSetup, batch_size: int, latent_size: int,
                      repeats: H.Repeats) -> dict[str, Any]:
     """``repeats.warmup + repeats.reps`` real training steps; returns times, FLOPs of one step, peak memory."""
@@ -197,7 +131,7 @@ def measure_training(device: str, setup: TrainSetup, batch_size: int, latent_siz
 
     from stedm.run import maybe_compile, resolve_precision
 
-    quiet_libraries()
+    H.quiet_libraries()
     module, cfg = build_module(setup.preset, setup.hydra_overrides())
     precision = resolve_precision(cfg.location)
     # The FLOP-counted step 0 is a warm-up step, except for a compiled module: that compiles again
@@ -206,7 +140,7 @@ def measure_training(device: str, setup: TrainSetup, batch_size: int, latent_siz
     steps = warmup + repeats.reps
     loader = DataLoader([synthetic_inputs(module, cfg, batch_size, latent_size, seed=i) for i in range(steps)],
                         batch_size=None)
-    timer = _step_timer(device, warmup)
+    timer = H.step_timer(device, warmup)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
                              max_epochs=1, max_steps=steps, accumulate_grad_batches=1,
@@ -235,6 +169,7 @@ class SampleSetup:
     spacing: str | None
     batched: bool
     precision: str  # fp32 | bf16
+    shared_trunk: bool = False
 
     @property
     def label(self) -> str:
@@ -243,7 +178,9 @@ class SampleSetup:
 
     @property
     def guidance(self) -> str:
-        return "batched" if self.batched else "two-pass"
+        if not self.batched:
+            return "two-pass"
+        return "batched, shared trunk" if self.shared_trunk else "batched"
 
 
 def reference_sample_setup() -> SampleSetup:
@@ -255,16 +192,19 @@ def default_sample_setup(preset: str, overrides: tuple[str, ...] = ()) -> Sample
     """What ``predict_diff.py`` does by default with ``location=local`` on this machine."""
     from stedm.run import resolve_precision
 
-    cfg = compose("predict_diff", preset, overrides)
+    cfg = H.compose("predict_diff", preset, overrides)
     bf16 = resolve_precision(cfg.location).startswith("bf16")
     return SampleSetup(cfg.sampler, int(cfg.steps), cfg.spacing, bool(cfg.batched_guidance),
-                       "bf16" if bf16 else "fp32")
+                       "bf16" if bf16 else "fp32", bool(cfg.batched_guidance and cfg.shared_trunk))
 
 
 def sample_setups(precisions: list[str]) -> list[SampleSetup]:
-    """The issue's grid: paper DDIM two-pass and batched, DPM-Solver++ 20 steps batched."""
-    return [SampleSetup(sampler, steps, None, batched, precision) for precision in precisions
-            for sampler, steps, batched in (("ddim", 128, False), ("ddim", 128, True), ("dpm_solver", 20, True))]
+    """Paper DDIM with two guidance passes, one batched pass, and one with a shared trunk;
+    DPM-Solver++ 20 and 10 steps with a shared trunk."""
+    grid = (("ddim", 128, False, False), ("ddim", 128, True, False), ("ddim", 128, True, True),
+            ("dpm_solver", 20, True, True), ("dpm_solver", 10, True, True))
+    return [SampleSetup(sampler, steps, None, batched, precision, shared_trunk=shared) for precision in precisions
+            for sampler, steps, batched, shared in grid]
 
 
 def model_calls(module, sampler: str, steps: int, spacing: str | None) -> int:
@@ -289,8 +229,8 @@ def _generate(module, inputs: dict[str, torch.Tensor], setup: SampleSetup, steps
     """``generate`` as ``predict_diff.py`` calls it (autocast when bf16)."""
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=setup.precision == "bf16"):
         return module.generate(inputs["mask"], inputs.get("style"), sampler=setup.sampler, steps=steps,
-                               spacing=setup.spacing, cfg_scale=CFG_SCALE, batched_guidance=setup.batched,
-                               progress=progress)
+                               spacing=setup.spacing, cfg_scale=CFG_SCALE,
+                               batched_guidance=setup.batched, shared_trunk=setup.shared_trunk, progress=progress)
 
 
 class SamplerTiming:
@@ -369,7 +309,7 @@ def measure_sampling(device: str, preset: str, setups: list[SampleSetup], batch_
 
     Results are plain dicts in the order of ``setups`` (classes of a spawned ``__main__`` do not
     unpickle in the parent), so the caller pairs them with its setups."""
-    quiet_libraries()
+    H.quiet_libraries()
     module, cfg = build_module(preset, overrides)
     module = module.to(device).eval()
     inputs = synthetic_inputs(module, cfg, batch_size, latent_size)
@@ -448,42 +388,55 @@ def run_sampling(args, repeats: H.Repeats, precisions: list[str], peaks: dict[st
     print(H.markdown_table([h.format(memory=memory) for h in SAMPLE_HEADERS], rows), flush=True)
 
 
-def run_compare(args, repeats: H.Repeats, peaks: dict[str, float], memory: str) -> None:
-    """Reference path vs default path, per preset, with ratios (issue 9's table)."""
-    print("\n## Reference path (fp32, default AdamW, no compile, two-pass guidance, DDIM-143) vs default path "
-          f"(conf/ with location=local); median of {repeats.reps} after {repeats.warmup} warm-up\n")
+def comparisons(args, repeats: H.Repeats) -> list[H.Comparison]:
+    """Reference path vs default path for each of ``args.presets``: issue 9's training-step row
+    (target 4x, memory at most 1.1x) and synthetic-pair row (target 25x)."""
     rows = []
     for preset in args.presets:
         if args.part in ("train", "all"):
             ref = train_in_fresh_process(args, reference_train_setup(preset), repeats)
             new = train_in_fresh_process(args, TrainSetup(preset, overrides=tuple(args.override)), repeats)
-            rows.append(_compare_row(f"{preset}: training step, batch {args.train_batch}, {args.train_latent}² latent",
-                                     ref, new, f"{new['precision']}, {new['optimizer']}, compile {new['compile']}",
-                                     1.0, "ms", 1e3))
+            rows.append(H.Comparison(
+                f"STEDM {preset} preset: training step, batch {args.train_batch}, {args.train_latent}² latent", "step",
+                f"{new['precision']}, {new['optimizer']} AdamW, compile {new['compile']}", _measured(ref, 1),
+                _measured(new, 1), target=4.0, memory_target=1.1))
         if args.part in ("sample", "all"):
             new_setup = default_sample_setup(preset, tuple(args.predict_override))
             ref, new = sample_in_fresh_process(args, preset, [reference_sample_setup(), new_setup], repeats)
-            rows.append(_compare_row(f"{preset}: one pair, {args.sample_latent}² latent", ref, new,
-                                     f"{new_setup.precision}, {new_setup.label}, {new_setup.guidance}",
-                                     args.sample_batch, "s", 1.0))
-    print(H.markdown_table(["what", "default path", "reference", "default", "speed-up", f"reference {memory}",
-                            f"default {memory}", "memory ratio"], rows), flush=True)
+            extrapolated = [f"{r['setup'].label}: extrapolated from {r['measured_calls']} of {r['calls']} calls"
+                            for r in (ref, new) if r["extrapolated"]]
+            rows.append(H.Comparison(
+                f"STEDM {preset} preset: one synthetic pair, cfg_scale {CFG_SCALE:g}, {args.sample_latent}² latent",
+                "pair", f"{new_setup.precision}, {new_setup.label} = {new['calls']} calls, {new_setup.guidance}",
+                _measured(ref, args.sample_batch), _measured(new, args.sample_batch), target=25.0,
+                note="; ".join(extrapolated)))
+    return rows
 
 
-def _compare_row(what: str, ref: dict, new: dict, new_label: str, per: float, unit: str, scale: float) -> list:
-    ref_t, new_t = H.median(ref["times"]) / per, H.median(new["times"]) / per
-    note = " (extrapolated)" if ref.get("extrapolated") or new.get("extrapolated") else ""
-    return [what + note, new_label, f"{ref_t * scale:.3g} {unit}", f"{new_t * scale:.3g} {unit}",
-            f"{ref_t / new_t:.2f}×", f"{ref['peak_mib']:.0f}", f"{new['peak_mib']:.0f}",
-            f"{new['peak_mib'] / ref['peak_mib']:.2f}"]
+def _measured(result: dict[str, Any], per: int) -> H.Measured:
+    return H.Measured([t / per for t in result["times"]], result["flops"] / per, result["peak_mib"], result["load"])
+
+
+def run_compare(args, repeats: H.Repeats, peaks: dict[str, float], memory: str) -> None:
+    print("\n## Reference path (fp32, default AdamW, no compile, two-pass guidance, DDIM-143) vs default path "
+          f"(conf/ with location=local); median of {repeats.reps} after {repeats.warmup} warm-up\n")
+    print(H.comparison_table(comparisons(args, repeats), peaks.get("fp32"), memory), flush=True)
+
+
+def compare(device: str, threads: int | None, repeats: H.Repeats, quick: bool = False,
+            argv: tuple[str, ...] = ("--presets", "paper")) -> list[H.Comparison]:
+    """Issue 9's rows for ``benchmarks/speed.py``; ``argv``: more options of this script."""
+    args = parse_arguments(["--device", device, *(["--threads", str(threads)] if threads else []),
+                            *(["--quick"] if quick else []), *argv])
+    return comparisons(args, repeats)
 
 
 # -- main ------------------------------------------------------------------------------------------
-def main() -> None:
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["train", "sample", "all"], default="all")
     parser.add_argument("--presets", nargs="+", choices=["tiny", "paper"], default=["tiny", "paper"])
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--precisions", nargs="+", choices=list(H.PRECISIONS), default=list(H.PRECISIONS))
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=["default", "fused"])
     parser.add_argument("--compare", action="store_true", help="reference path vs default path, with ratios")
     parser.add_argument("--allow-slow-bf16", action="store_true",
@@ -501,9 +454,14 @@ def main() -> None:
     parser.add_argument("--predict-override", nargs="*", default=[],
                         help="extra Hydra overrides of predict_diff.yaml (the default sampling path of --compare)")
     H.add_common_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.max_sample_seconds = args.max_sample_seconds or (10.0 if args.quick else 30.0)
     args.probe_steps = args.probe_steps or (1 if args.quick else 4)
+    return args
+
+
+def main() -> None:
+    args = parse_arguments()
     repeats = H.repeats_from_args(args)
     H.configure_torch(args.device, args.threads)
 

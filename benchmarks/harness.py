@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -26,15 +27,20 @@ import resource
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 MIB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
+#: ``location.precision`` of each precision name the benchmarks take
+PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 
 
 # -- repetitions -----------------------------------------------------------------------------------
@@ -299,6 +305,68 @@ class PeakMemory:
         self.stop()
 
 
+# -- the project's code paths -------------------------------------------------------------------
+def compose(config_name: str, preset: str, overrides: tuple[str, ...] = ()):
+    """``conf/<config_name>.yaml`` composed as the entry script would, with ``preset`` and, unless an
+    override names another, ``location=local`` (whatever this machine has)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import stedm  # noqa: F401  (registers the config resolvers)
+
+    location = () if any(o.startswith("location=") for o in overrides) else ("location=local",)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name, overrides=[f"preset={preset}", *location, *overrides])
+
+
+def quiet_libraries() -> None:
+    """Keep Lightning's start-up chatter and known warnings out of the tables."""
+    for name in ("pytorch_lightning", "lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def step_timer(device: str, warmup: int):
+    """A Lightning callback timing training steps; ``warmup`` untimed steps come first."""
+    import pytorch_lightning as pl
+
+    class StepTimer(pl.Callback):
+        """Times every training step (forward, backward, optimizer, EMA; wall clock and this
+        process's CPU time), counts the FLOPs of the first (untimed) one and tracks peak memory over
+        the timed ones."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.cpu_times: list[float] = []
+            self.flops = 0
+            self.memory = PeakMemory(device)
+            self._counter = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if batch_idx == 0:
+                self._counter = flop_counter()
+                self._counter.__enter__()
+            if batch_idx == warmup:
+                self.memory.start()
+            synchronize(device)
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            synchronize(device)
+            elapsed, cpu = time.perf_counter() - self._start, time.process_time() - self._cpu_start
+            if batch_idx == 0:
+                self._counter.__exit__(None, None, None)
+                self.flops = self._counter.get_total_flops()
+            if batch_idx >= warmup:
+                self.times.append(elapsed)
+                self.cpu_times.append(cpu)
+            if batch_idx == trainer.max_steps - 1:
+                self.memory.stop()
+
+    return StepTimer()
+
+
 # -- processes -----------------------------------------------------------------------------------
 def _call_configured(fn: Callable[..., Any], device: str, threads: int | None, kwargs: dict[str, Any]) -> Any:
     configure_torch(device, threads)
@@ -332,3 +400,78 @@ def spread(times: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
 
 def percent_of_peak(achieved: float, peak: float | None) -> str:
     return f"{100 * achieved / peak:.0f} %" if peak else "n/a"
+
+
+# -- reference path vs default path (issue 9's table) ---------------------------------------------
+@dataclass
+class Measured:
+    """One path's figures: seconds per unit (a step, a pair, a sample) of each timed repetition,
+    FLOPs per unit (None where nothing is counted) and peak memory in MiB (None if not measured)."""
+
+    times: list[float]
+    flops: float | None = None
+    peak_mib: float | None = None
+    load: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return median(self.times)
+
+
+@dataclass
+class Comparison:
+    """One row of the speed table: the reference path (the original's way) against our default path,
+    measured side by side in one run. ``target`` is the speed-up asked for (``memory_target`` the
+    largest default/reference memory ratio allowed, None where memory is not a target)."""
+
+    what: str
+    unit: str  # "step", "pair", "sample"
+    default_label: str
+    reference: Measured
+    default: Measured
+    target: float
+    memory_target: float | None = None
+    note: str = ""
+
+    @property
+    def speedup(self) -> float:
+        return self.reference.seconds / self.default.seconds
+
+    @property
+    def memory_ratio(self) -> float | None:
+        if self.reference.peak_mib and self.default.peak_mib:
+            return self.default.peak_mib / self.reference.peak_mib
+        return None
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
+
+
+def _throughput(m: Measured, peak: float | None) -> str:
+    if not m.flops:
+        return "n/a"
+    achieved = gflops_per_s(m.flops, m.seconds)
+    return f"{achieved:.1f} ({percent_of_peak(achieved, peak)})"
+
+
+def comparison_table(comparisons: Sequence[Comparison], fp32_peak: float | None, memory_label: str) -> str:
+    """Markdown table of ``comparisons``: times per unit, speed-up against its target, achieved
+    GFLOP/s (and its share of the fp32 matmul peak ``fp32_peak``), peak memory and its ratio."""
+    rows = []
+    for c in comparisons:
+        met = "yes" if c.speedup >= c.target else "**no**"
+        ratio = c.memory_ratio
+        memory = "n/a" if ratio is None else f"{ratio:.2f}" + (
+            "" if c.memory_target is None else (" (ok)" if ratio <= c.memory_target else " (**over**)"))
+        rows.append([c.what + (f" ({c.note})" if c.note else ""), c.default_label,
+                     f"{_seconds(c.reference.seconds)} / {c.unit}", f"{_seconds(c.default.seconds)} / {c.unit}",
+                     f"{c.speedup:.2f}×", f"≥ {c.target:g}× {met}", _throughput(c.reference, fp32_peak),
+                     _throughput(c.default, fp32_peak),
+                     "n/a" if c.reference.peak_mib is None else f"{c.reference.peak_mib:.0f}",
+                     "n/a" if c.default.peak_mib is None else f"{c.default.peak_mib:.0f}", memory,
+                     f"{c.reference.load:.1f} / {c.default.load:.1f}"])
+    headers = ["what", "default path", "reference", "default", "speed-up", "target",
+               "reference GFLOP/s (of peak)", "default GFLOP/s (of peak)", f"reference {memory_label}",
+               f"default {memory_label}", "memory ratio", "load"]
+    return markdown_table(headers, rows)

@@ -92,3 +92,16 @@ def test_markdown_table():
 def test_percent_of_peak():
     assert H.percent_of_peak(25.0, 100.0) == "25 %"
     assert H.percent_of_peak(25.0, None) == "n/a"
+
+
+def test_comparison_reports_speedup_target_and_memory_ratio():
+    fast = H.Comparison("step of x", "step", "fast way", H.Measured([4.0, 2.0, 3.0], 6e9, 1000.0, 1.0),
+                        H.Measured([1.0, 2.0, 1.0], 6e9, 1050.0, 1.2), target=2.5, memory_target=1.1)
+    assert fast.speedup == pytest.approx(3.0) and fast.memory_ratio == pytest.approx(1.05)
+    slow = H.Comparison("pair", "pair", "other way", H.Measured([2.0]), H.Measured([1.0], peak_mib=None), target=4.0)
+    assert slow.memory_ratio is None
+    lines = H.comparison_table([fast, slow], fp32_peak=4.0, memory_label="peak RSS (MiB)").splitlines()
+    assert len(lines) == 4
+    assert "| 3.00× | ≥ 2.5× yes |" in lines[2] and "1.05 (ok)" in lines[2]
+    assert "2.0 (50 %)" in lines[2]  # 6 GFLOP in the reference's median 3 s, against a peak of 4
+    assert "| 2.00× | ≥ 4× **no** |" in lines[3] and "| n/a |" in lines[3]
