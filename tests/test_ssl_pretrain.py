@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -92,3 +93,38 @@ def test_bad_arguments_are_refused():
         tiny_pretrainer(sampler="euler")
     with pytest.raises(ValueError, match="weighting"):
         tiny_pretrainer(weighting="snr")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        tiny_pretrainer(attention="flash")
+
+
+def test_fast_path_computes_the_reference_paths_step():
+    # Same weights and inputs: the original's way (materialised softmax attention, for-loop Adam,
+    # per-parameter EMA loop) and the default (SDPA, fused Adam, foreach EMA) give the same loss
+    # and gradients, and from the same gradients the same updated weights and EMA, up to float rounding.
+    torch.manual_seed(0)
+    net = build_ssl_unet("tiny")
+    ref = SSLPretrainer(copy.deepcopy(net), attention="explicit", ema_foreach=False)
+    fast = SSLPretrainer(copy.deepcopy(net))
+    assert type(ref.net.mid_attn.processor) is not type(fast.net.mid_attn.processor)
+    assert ref.net.state_dict().keys() == fast.net.state_dict().keys()
+    optimizers = [torch.optim.Adam(ref.net.parameters(), lr=1e-3),
+                  torch.optim.Adam(fast.net.parameters(), lr=1e-3, fused=True)]
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    noise, t = torch.randn_like(images), torch.tensor([3, 800])
+    for _ in range(2):  # the EMA decay is 0 on its first step
+        losses = []
+        for module, optimizer in zip((ref, fast), optimizers):
+            optimizer.zero_grad()
+            losses.append(module.diffusion_loss(images, noise, t))
+            losses[-1].backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for (name, a), b in zip(ref.net.named_parameters(), fast.net.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+            b.grad.copy_(a.grad)  # Adam amplifies rounding in near-zero gradients: step from equal ones
+        for module, optimizer in zip((ref, fast), optimizers):
+            optimizer.step()
+            module.ema.step(module.net.parameters())
+        for (name, a), b in zip(ref.net.named_parameters(), fast.net.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        for a, b in zip(ref.ema.shadow_params, fast.ema.shadow_params, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -29,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+)
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
@@ -43,6 +47,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRETRAINED_FORMAT = "stedm.ssl_unet/1"
+
+
+#: How the full attention computes: ``sdpa`` (torch's fused ``scaled_dot_product_attention``,
+#: diffusers' default) or ``explicit`` (the ``N x N`` softmax materialised, as the original does).
+ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "explicit": AttnProcessor}
 
 
 class ResBlock(nn.Module):
@@ -257,6 +266,15 @@ class SSLUNet(nn.Module):
                 f"{'...' if len(bad_missing) > 5 else ''} ({len(bad_missing)} in all), unexpected "
                 f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
         return list(missing)
+
+
+def set_attention(net: nn.Module, kind: str) -> None:
+    """Make every full (diffusers) attention in ``net`` compute the ``kind`` way (:data:`ATTENTION_PROCESSORS`)."""
+    if kind not in ATTENTION_PROCESSORS:
+        raise ValueError(f"attention must be one of {sorted(ATTENTION_PROCESSORS)}, got '{kind}'")
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.set_processor(ATTENTION_PROCESSORS[kind]())
 
 
 def build_ssl_unet(preset: str = "default", **overrides: Any) -> SSLUNet:

@@ -35,7 +35,7 @@ from stedm.data.contract import tensor_to_image
 from stedm.diffusion.sampling import SAMPLERS, noise_for_indices, sample
 from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
 from stedm.diffusion.weighting import LossWeighting
-from stedm.models.ssl_unet import save_pretrained_unet
+from stedm.models.ssl_unet import save_pretrained_unet, set_attention
 
 PRETRAINED_FILENAME = "pretrained_unet.pt"
 
@@ -50,7 +50,16 @@ class SSLPretrainer(pl.LightningModule):
     grid runs ``sample_steps`` steps of ``sampler`` (``ddpm`` = ancestral DDPM, the paper's, with
     1000 steps; ``ddim``; ``dpm_solver``) without x0 clipping (as the original) and shows
     ``sample_frames`` snapshots per trajectory; ``sample_every_n_epochs=0`` disables it.
+
+    How the step computes, without changing what it computes (loss and gradients agree up to float
+    rounding): ``attention`` picks the full attention's kernel (``sdpa``: torch's fused one;
+    ``explicit``: the materialised softmax of the original), ``ema_foreach`` updates the EMA with
+    multi-tensor ops instead of a Python loop over the parameters. ``attention="explicit",
+    ema_foreach=False`` with torch's default (for-loop) Adam is the original's way: the reference
+    path of ``benchmarks/ssl_pretrain.py``.
     """
+
+    compile_targets = ("net",)  # compiled in place by location.compile (stedm.run.maybe_compile)
 
     def __init__(
         self,
@@ -72,6 +81,8 @@ class SSLPretrainer(pl.LightningModule):
         sampler: str = "ddpm",
         sample_images: int = 4,
         sample_frames: int = 10,
+        attention: str = "sdpa",
+        ema_foreach: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(getattr(net, "config", None), dict):
@@ -82,12 +93,13 @@ class SSLPretrainer(pl.LightningModule):
             raise ValueError(f"sample_frames must be >= 2 (first and last), got {sample_frames}")
         self.save_hyperparameters(ignore=["net", "optimizer"])
         self.net = net
+        set_attention(self.net, attention)
         self.optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam)
         self.lr = lr
         self.noise_scheduler = make_scheduler(beta_schedule, beta_start, beta_end, num_train_timesteps, prediction_type)
         self.loss_weighting = LossWeighting(
             self.noise_scheduler, weighting, prediction_type, p2_k, p2_gamma, min_snr_gamma)
-        self.ema = EMAModel(self.net.parameters(), decay=ema_decay, foreach=True)
+        self.ema = EMAModel(self.net.parameters(), decay=ema_decay, foreach=ema_foreach)
         self._sample_shape: tuple[int, ...] | None = None
 
     # -- training ---------------------------------------------------------------------------------
