@@ -52,6 +52,28 @@ def write_pyramid_tiff(path: Path, image: np.ndarray, factors: Sequence[int] = (
     return write_levels(path, [image, *reduced], **options)
 
 
+def write_svs(path: Path, image: np.ndarray, factor: int = 4, tile: int = 64, jpeg_colour: str = "ycbcr") -> Path:
+    """An Aperio-like SVS: JPEG tiles of ``image`` (description "Aperio ...", so OpenSlide's aperio
+    reader opens it), a stripped thumbnail page, and one tiled level reduced by ``factor`` whose
+    downsample is not an integer when the size is not a multiple of ``factor`` (1001 px / 4: 4.004).
+    ``jpeg_colour``: ``ycbcr`` (photometric YCbCr) or ``rgb`` (photometric RGB with RGB JPEG data,
+    no JFIF marker, as some Aperio scanners write)."""
+    height, width = image.shape[:2]
+    options = {"compression": "jpeg", "compressionargs": {"level": 95, "outcolorspace": jpeg_colour},
+               "photometric": "rgb", "metadata": None}
+    header = "Aperio Image Library v12.0.15\r\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(image, tile=(tile, tile), **options,
+                     description=f"{header}{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q=95"
+                                 "|AppMag = 20|MPP = 0.5")
+        for size, tiled in (((width // 8, height // 8), False), ((width // factor, height // factor), True)):
+            writer.write(cv2.resize(image, size, interpolation=cv2.INTER_AREA), **options,
+                         **({"tile": (tile, tile)} if tiled else {}),
+                         description=f"{header}{width}x{height} -> {size[0]}x{size[1]} - |AppMag = 20")
+    return path
+
+
 def rectangle(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 

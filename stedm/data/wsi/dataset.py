@@ -35,10 +35,12 @@ Roles and splits:
   are patches at random tissue locations, without masks. For ``val``/``test`` the pool is
   read deterministically, one patch per slide.
 
-Speed: a patch is read from the finest pyramid level at most as fine as ``downsample`` and
+Speed: a patch is read from the coarsest pyramid level at most as coarse as ``downsample`` and
 area-resized; pyramids with a level at (or a factor 2 above) the training downsample read
-fastest. OpenSlide composites reads from levels whose downsample is not an integer (Aperio SVS:
-4.0001, ...) through a slow sub-pixel path: ``python benchmarks/wsi.py --help`` measures it.
+fastest. Generic tiled TIFF and Aperio SVS slides are read by a tifffile tile reader with a cache
+of ``tile_cache_mib`` decoded tiles per process (:mod:`stedm.data.wsi.slide`), other formats by
+OpenSlide, which composites reads from levels whose downsample is not an integer (Aperio SVS:
+4.0001, ...) through a slow sub-pixel path. ``python benchmarks/wsi.py --help`` measures both.
 
 Every record's ``meta`` carries ``slide_index`` (into this dataset's slide list) and the level-0
 patch centre ``centre_x``/``centre_y``, from which the slide style samplers
@@ -73,8 +75,9 @@ from stedm.data.wsi.annotations import (
 from stedm.data.wsi.cache import cache_key, file_digest, load_arrays, save_arrays
 from stedm.data.wsi.regions import Box, evaluation_cores
 from stedm.data.wsi.sampling import PixelSampler, parse_groups
-from stedm.data.wsi.slide import SlideReader
+from stedm.data.wsi.slide import READERS, SlideReader
 from stedm.data.wsi.table import SlideInfo, read_slide_table, select_labelled
+from stedm.data.wsi.tiles import TileCache
 from stedm.data.wsi.tissue import TissueParams, detect_tissue
 
 
@@ -96,6 +99,10 @@ class WSIDataset(SegmentationDataset):
         eval_context: context pixels around evaluation units. max_unit_patches: unit size cap.
         tissue: :class:`~stedm.data.wsi.tissue.TissueParams` fields.
         cache_dir: where lookup maps and tissue masks are cached (``null``: no cache).
+        slide_reader: ``auto`` (tifffile tile reader for generic tiled TIFF and Aperio SVS, OpenSlide
+            for other formats) or ``openslide`` (every slide; the slower reference path).
+        tile_cache_mib: decoded tiles the tile reader keeps per process (each DataLoader worker) for
+            this dataset's slides; OpenSlide keeps its own 128 MiB per process.
     """
 
     capabilities = frozenset({"slide"})
@@ -107,15 +114,18 @@ class WSIDataset(SegmentationDataset):
                  sampling: Mapping[str, Any] | None = None, unannotated_label: int | None = None,
                  epoch_length: int = 1000, annotation_downsample: float = 64.0, eval_context: int = 0,
                  max_unit_patches: int = 4, tissue: Mapping[str, Any] | None = None, val_fraction: float = 0.1,
-                 test_fraction: float = 0.2, seed: int = 0, cache_dir: str | None = None, **kwargs) -> None:
+                 test_fraction: float = 0.2, seed: int = 0, cache_dir: str | None = None, slide_reader: str = "auto",
+                 tile_cache_mib: float = 128, **kwargs) -> None:
         super().__init__(name=name, split=split, **kwargs)
         where = f"dataset '{name}'"
         check_role(role, where)
         sizes = {"patch_size": patch_size, "downsample": downsample, "annotation_downsample": annotation_downsample,
                  "epoch_length": epoch_length, "max_unit_patches": max_unit_patches}
-        if any(v <= 0 for v in sizes.values()) or eval_context < 0:
-            raise ValueError(f"{where}: {', '.join(sizes)} must be positive and eval_context >= 0, got {sizes}, "
-                             f"eval_context={eval_context}")
+        if any(v <= 0 for v in sizes.values()) or eval_context < 0 or tile_cache_mib < 0:
+            raise ValueError(f"{where}: {', '.join(sizes)} must be positive and eval_context, tile_cache_mib >= 0, "
+                             f"got {sizes}, eval_context={eval_context}, tile_cache_mib={tile_cache_mib}")
+        if slide_reader not in READERS:
+            raise ValueError(f"{where}: slide_reader must be one of {READERS}, got '{slide_reader}'")
         self.role, self.where = role, where
         self.patch_size, self.downsample = int(patch_size), float(downsample)
         self.annotation_downsample = float(annotation_downsample)
@@ -150,7 +160,8 @@ class WSIDataset(SegmentationDataset):
             raise ValueError(f"{where}: no {role} slides for split '{split}' (check the slide table's split column, "
                              "the annotations and class_train_samples)")
         self.slides: list[SlideInfo] = chosen
-        self.readers = [SlideReader(s.path) for s in chosen]
+        self.tile_cache = TileCache(round(tile_cache_mib * 2**20))
+        self.readers = [SlideReader(s.path, slide_reader, self.tile_cache) for s in chosen]
         self.has_subtypes = any(s.subtype for s in table)
         self._tissue: dict[int, PixelSampler] = {}
 

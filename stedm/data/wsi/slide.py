@@ -1,13 +1,22 @@
-"""Reading regions of whole-slide images through OpenSlide, never the whole slide at once.
+"""Reading regions of whole-slide images, never the whole slide at once.
 
-:class:`SlideReader` opens its slide lazily, once per process: DataLoader workers (forked or
-spawned) reopen it on first use instead of sharing the parent's file handle, and pickling drops
-the handle. All handles of a process share one tile cache, so memory stays bounded however many
-slides a dataset lists.
+:class:`SlideReader` reads generic tiled TIFF and Aperio SVS slides with its own tile reader
+(:mod:`stedm.data.wsi.tiles`: tifffile + imagecodecs and a bounded cache of decoded tiles, about
+twice as fast as OpenSlide per region, more with cache hits) and every other format with
+OpenSlide. ``reader="openslide"`` reads everything with OpenSlide (the reference path of
+``benchmarks/wsi.py --compare``). OpenSlide always gives the slide's levels, so both readers read
+a region from the same level.
+
+Slides are opened lazily, once per process: DataLoader workers (forked or spawned) reopen them on
+first use instead of sharing the parent's file handles, and pickling drops the handles. All
+OpenSlide handles of a process share one tile cache; the tile reader's cache is the dataset's
+(:class:`~stedm.data.wsi.tiles.TileCache`). Either way memory stays bounded however many slides a
+dataset lists.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -16,9 +25,19 @@ import cv2
 import numpy as np
 import openslide
 
-TILE_CACHE_BYTES = 128 * 2**20
-"""Decoded-tile cache shared by every slide a process has open."""
+from stedm.data.wsi.tiles import TileCache, TiledTiff, UnsupportedTiff
 
+TILE_CACHE_BYTES = 128 * 2**20
+"""Decoded-tile cache shared by every slide a process has open in OpenSlide."""
+READERS = ("auto", "openslide")
+"""``auto``: the tile reader for generic tiled TIFF and Aperio SVS, OpenSlide otherwise;
+``openslide``: OpenSlide for every slide."""
+TILE_READER_VENDORS = frozenset({"generic-tiff", "aperio"})
+"""OpenSlide formats whose pyramid levels are plain tiled TIFF pages."""
+CHECK_TOLERANCE = 2.0
+"""Largest mean absolute difference (grey levels) allowed between the two readers' pixels of one tile."""
+
+log = logging.getLogger(__name__)
 _shared_cache: dict[int, openslide.OpenSlideCache] = {}
 
 
@@ -30,20 +49,44 @@ def process_tile_cache() -> openslide.OpenSlideCache:
     return _shared_cache[pid]
 
 
+def best_level(level_downsamples: tuple[float, ...], downsample: float) -> int:
+    """OpenSlide's ``get_best_level_for_downsample``: the last level whose downsample is at most
+    ``downsample`` (the finest level when none is)."""
+    return max(0, sum(d <= downsample for d in level_downsamples[1:]))
+
+
 class SlideReader:
     """One slide: its level-0 size and regions read at any downsample.
 
-    Regions are read from the pyramid level :meth:`openslide.OpenSlide.get_best_level_for_downsample`
-    picks (the finest level at most as fine as needed) and resized with area interpolation
-    to the requested downsample. Pixels outside the slide (transparent in OpenSlide) are white.
+    Regions are read from the pyramid level OpenSlide's ``get_best_level_for_downsample`` picks
+    (the coarsest level at most as coarse as needed) and resized with area interpolation to the
+    requested downsample. Pixels outside the slide (transparent in OpenSlide) are white.
+
+    Args:
+        path: the slide file. reader: one of :data:`READERS`.
+        tile_cache: the tile reader's cache (default: a private one of :data:`TILE_CACHE_BYTES`).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, reader: str = "auto", tile_cache: TileCache | None = None) -> None:
+        if reader not in READERS:
+            raise ValueError(f"slide reader must be one of {READERS}, got '{reader}'")
         self.path = Path(path)
         self._handle: openslide.OpenSlide | None = None
         self._pid: int | None = None
         handle = self.handle
         self.dimensions: tuple[int, int] = tuple(handle.dimensions)  # (width, height) at level 0
+        self.level_downsamples: tuple[float, ...] = tuple(handle.level_downsamples)
+        self.tiles: TiledTiff | None = None
+        if reader == "auto":
+            try:
+                self.tiles = self._tile_reader(TileCache(TILE_CACHE_BYTES) if tile_cache is None else tile_cache)
+            except UnsupportedTiff as why:
+                log.info("%s: read with OpenSlide, not the faster tile reader (%s)", self.path.name, why)
+
+    @property
+    def reader(self) -> str:
+        """Which reader reads this slide's regions: ``tiles`` or ``openslide``."""
+        return "openslide" if self.tiles is None else "tiles"
 
     @property
     def handle(self) -> openslide.OpenSlide:
@@ -66,22 +109,49 @@ class SlideReader:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_handle": None, "_pid": None}
 
+    def _tile_reader(self, cache: TileCache) -> TiledTiff:
+        """The tile reader of OpenSlide's levels, if the format has plain tiled levels and the first
+        tile of the coarsest level reads as OpenSlide reads it (a wrong colour space would not)."""
+        vendor = self.handle.properties.get(openslide.PROPERTY_NAME_VENDOR)
+        if vendor not in TILE_READER_VENDORS:
+            raise UnsupportedTiff(f"format '{vendor}'")
+        tiles = TiledTiff(self.path, self.handle.level_dimensions, cache)
+        level = len(tiles.levels) - 1
+        spec = tiles.levels[level]
+        size = (min(spec.tile_width, spec.width), min(spec.tile_height, spec.height))
+        ours = tiles.read(level, 0, 0, *size).astype(np.float32)
+        theirs = self._read_openslide(0, 0, level, size).astype(np.float32)
+        difference = float(np.abs(ours - theirs).mean())
+        if difference > CHECK_TOLERANCE:
+            raise UnsupportedTiff(f"its pixels differ from OpenSlide's by {difference:.1f} grey levels on average")
+        return tiles
+
     def level_for(self, downsample: float) -> tuple[int, float]:
         """The pyramid level a read at ``downsample`` uses, and that level's downsample."""
-        handle = self.handle
-        level = handle.get_best_level_for_downsample(downsample)
-        return level, handle.level_downsamples[level]
+        level = best_level(self.level_downsamples, downsample)
+        return level, self.level_downsamples[level]
 
-    def read(self, x0: int, y0: int, width: int, height: int, downsample: float) -> np.ndarray:
-        """``height x width x 3`` uint8 RGB at ``downsample``; top-left corner at level-0 ``(x0, y0)``."""
-        level, level_downsample = self.level_for(downsample)
-        scale = downsample / level_downsample
-        size = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+    def _read_openslide(self, x0: int, y0: int, level: int, size: tuple[int, int]) -> np.ndarray:
         rgba = np.asarray(self.handle.read_region((int(x0), int(y0)), level, size))
         rgb = cv2.cvtColor(rgba, cv2.COLOR_RGBA2RGB)
         alpha = rgba[..., 3]
         if not alpha.all():  # outside the slide (or a missing tile): transparent -> white
             rgb[alpha == 0] = 255
+        return rgb
+
+    def read(self, x0: int, y0: int, width: int, height: int, downsample: float) -> np.ndarray:
+        """``height x width x 3`` uint8 RGB at ``downsample``; top-left corner at level-0 ``(x0, y0)``.
+
+        The tile reader starts the region at the level pixel nearest to ``(x0, y0)``; OpenSlide
+        interpolates the sub-pixel offset that a level with a non-integer downsample leaves.
+        """
+        level, level_downsample = self.level_for(downsample)
+        scale = downsample / level_downsample
+        size = (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale)))
+        if self.tiles is not None:
+            rgb = self.tiles.read(level, round(x0 / level_downsample), round(y0 / level_downsample), *size)
+        else:
+            rgb = self._read_openslide(x0, y0, level, size)
         if size != (width, height):
             rgb = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
         return rgb
