@@ -109,7 +109,7 @@ class SegmentationDataset(Dataset):
         if self.style_sampler is not None and self.style_sampler.num_images > 0:
             rng = np.random.default_rng(seed)
             styles = self.style_sampler(self, record, image, rng)
-            sample["style"] = torch.stack([image_to_tensor(s) for s in styles])
+            sample["style"] = image_to_tensor(np.stack(styles))
         return sample
 
 

@@ -37,13 +37,16 @@ REQUIRED_META = ("source", "case", "index")
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``H x W x 3`` uint8 array -> ``3 x H x W`` float tensor in ``[-1, 1]``."""
+    """``H x W x 3`` uint8 array -> ``3 x H x W`` float tensor in ``[-1, 1]``; a stack
+    ``N x H x W x 3`` -> ``N x 3 x H x W`` (one conversion for a set of style images)."""
     if image.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {image.dtype}")
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
-    tensor = torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1)
-    return tensor.float().div_(127.5).sub_(1.0)
+    channels_first = torch.from_numpy(np.ascontiguousarray(image[..., :3])).movedim(-1, -3)
+    # one pass: uint8 -> float32 straight into the contiguous layout, then scale in place
+    tensor = torch.empty(channels_first.shape, dtype=torch.float32).copy_(channels_first)
+    return tensor.div_(127.5).sub_(1.0)
 
 
 def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
