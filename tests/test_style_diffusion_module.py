@@ -211,6 +211,13 @@ def test_generate_samples_with_the_ema_weights(trained):
     torch.testing.assert_close(live.generate(mask, style), with_ema)
 
 
+def test_baked_ema_generates_what_the_ema_swap_generates(trained):
+    mask, style = torch.randint(0, 2, (2, SIZE, SIZE)), torch.rand(2, 2, 3, SIZE, SIZE) * 2 - 1
+    baked = copy.deepcopy(trained).bake_ema()
+    assert baked.ema is None and trained.ema is not None
+    torch.testing.assert_close(baked.generate(mask, style), trained.generate(mask, style))
+
+
 def test_a_pairs_noise_does_not_depend_on_its_batch(trained):
     mask, style = torch.randint(0, 2, (3, SIZE, SIZE)), torch.rand(3, 2, 3, SIZE, SIZE) * 2 - 1
     batch = trained.generate(mask, style, seed=5, indices=[10, 11, 12])

@@ -43,8 +43,13 @@ def test_train_diff_runs_and_checkpoint_reloads(compose_cfg, sampling, agg):
     assert len(losses) == 2 and losses.map(lambda v: torch.isfinite(torch.tensor(v)).item()).all()
     model = load_model(ckpt)
     assert (model.style is None) == (sampling == "none")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state, shadow = checkpoint["state_dict"], checkpoint["ema"]["shadow_params"]
+    # loaded for sampling: the EMA weights replace the trainable ones, everything else as stored
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert model.ema is None and len(trainable) == len(shadow)
+    assert all(torch.equal(model.get_parameter(name), s) for name, s in zip(trainable, shadow))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k not in trainable)
 
 
 def test_sample_grid_is_written(compose_cfg):

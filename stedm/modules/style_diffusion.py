@@ -219,6 +219,15 @@ class StyleDiffusion(pl.LightningModule):
             self.ema.to(device=params[0].device)
         return params
 
+    def bake_ema(self) -> StyleDiffusion:
+        """Copy the EMA weights into the model for good and drop the EMA: for inference only
+        (``predict_diff.py``), so that every :meth:`generate` call skips swapping ~1 GB of
+        weights (paper preset) in and out. Returns the module."""
+        if self.ema is not None:
+            self.ema.copy_to(self._ema_parameters())
+            self.ema = None
+        return self
+
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
         """Swap the EMA weights into the model for the duration of the block, then restore."""
@@ -320,7 +329,8 @@ class StyleDiffusion(pl.LightningModule):
                 else:
                     style = style.to(self.device)
                     cond = self.style(style)
-                    uncond = cond if cfg_scale == 1.0 else self.style(null_style_like(style))
+                    # every sample's null style is the same image set: encode it once
+                    uncond = cond if cfg_scale == 1.0 else self.style(null_style_like(style[:1])).expand_as(cond)
                     if cfg_scale != 1.0 and batched_guidance and shared_trunk and hasattr(self.denoiser,
                                                                                             "forward_guided"):
                         model_fn = guided_pair_fn(lambda x_t, t: self._predict_eps_pair(x_t, t, layout, cond, uncond),

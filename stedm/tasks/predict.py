@@ -63,14 +63,15 @@ def file_digest(path: Path) -> str:
 
 
 def load_model(path: Path) -> torch.nn.Module:
-    """Rebuild the model from the config that train_diff.py stored in the checkpoint, and load it."""
+    """Rebuild the model from the config that train_diff.py stored in the checkpoint, load it,
+    and put its EMA weights in place (the weights it samples with) for good."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if CONFIG_KEY not in checkpoint:
         raise ValueError(f"{path} was not written by train_diff.py (it holds no '{CONFIG_KEY}')")
     model = build_model(checkpoint[CONFIG_KEY], lr=None)
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)
-    return model.eval()
+    return model.bake_ema().eval()
 
 
 # -- pairs -------------------------------------------------------------------------------------
