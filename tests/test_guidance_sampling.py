@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stedm.diffusion.guidance import guide, guided_model_fn
-from stedm.diffusion.sampling import noise_for_indices, paper_ddim_timesteps, sample
+from stedm.diffusion.sampling import logsnr_timesteps, noise_for_indices, paper_ddim_timesteps, sample
 from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
 from stedm.models.denoiser import build_denoiser
 
@@ -205,6 +205,20 @@ def test_samplers_solve_the_same_ode_from_the_same_noise(sampler, steps, toleran
                      sampler=sampler, steps=steps)
         relative = (out.double() / (noise * variance[0].sqrt()) - 1).abs().max()
         assert relative < tolerance, (data_std, float(relative))
+
+
+@pytest.mark.parametrize("steps", [1, 8, 50, 500, 999])
+def test_logsnr_timesteps_descend_from_the_last_timestep_without_repeats(steps):
+    scheduler = make_scheduler()
+    timesteps = logsnr_timesteps(scheduler.alphas_cumprod, steps)
+    assert len(timesteps) == steps and timesteps[0] == 999 and timesteps[-1] >= 1
+    assert (timesteps[:-1] > timesteps[1:]).all()
+    log_snr = torch.log(scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod))[timesteps]
+    if steps == 8:  # few steps: uniform in log-SNR up to rounding to integer timesteps
+        gaps = log_snr[1:] - log_snr[:-1]
+        assert gaps.max() - gaps.min() < 0.1 * gaps.mean()
+    with pytest.raises(ValueError, match="steps must lie in 1..999"):
+        logsnr_timesteps(scheduler.alphas_cumprod, 1000)
 
 
 def test_logsnr_spacing_beats_uniform_time_spacing_with_few_steps():

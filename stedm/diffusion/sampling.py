@@ -127,11 +127,12 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
     log_snr = torch.log(a / (1 - a))  # decreasing in t
     grid = torch.linspace(float(log_snr[-1]), float(log_snr[0]), steps + 1, dtype=torch.float64)[:-1]
     nearest = torch.searchsorted(-log_snr, -grid).clamp(1, num_train_timesteps - 1)
-    timesteps = [int(nearest[0])]
-    for t in nearest[1:].tolist():  # strictly descending, at least 1 (many steps crowd near t = 0)
-        timesteps.append(max(1, min(t, timesteps[-1] - 1)))
-    if timesteps[-1] < 1 or len(set(timesteps)) != steps:
-        raise ValueError(f"steps={steps} is too many for the logsnr spacing; use fewer or spacing 'linspace'")
+    timesteps: list[int] = []
+    for k, t in enumerate(nearest.tolist()):
+        # strictly descending and leaving room for the steps still to come (many steps crowd
+        # near t = 0, where log-SNR changes fastest)
+        highest = timesteps[-1] - 1 if timesteps else num_train_timesteps - 1
+        timesteps.append(min(max(t, steps - k), highest))
     return torch.tensor(timesteps)
 
 
