@@ -30,7 +30,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m stedm.data.preview $(DEMO) 'data/dataset=[demo_anno,demo_unanno]'
 	$(BIN)/python train_diff.py $(DEMO)
-	$(BIN)/python predict_diff.py $(DEMO) +ckpt_name=$(DIFF_RUN) +predict_dir=demo_syn num_pairs=64 sampler=dpm_solver steps=20
+	$(BIN)/python predict_diff.py $(DEMO) +ckpt_name=$(DIFF_RUN) +predict_dir=demo_syn num_pairs=64
 	$(BIN)/python train_seg.py $(DEMO)
 	$(BIN)/python train_seg.py $(DEMO) 'data/dataset=[demo_anno,demo_syn]' data.ratios=[0.5,0.5] data.dataset.demo_syn.folder_name=demo_syn
 	$(BIN)/python pretrain_ssl.py $(DEMO)
