@@ -13,11 +13,12 @@ default (paper: a 256 px image through the vq-f4 first stage; tiny: 64 px in pix
 Precisions fp32 / bf16 autocast (``location.precision``), optimizers torch's default AdamW
 (foreach on CUDA, for-loop on CPU) / ``fused=True``. Each configuration runs in a fresh process.
 
-**sample** — time per synthetic pair of :meth:`StyleDiffusion.generate` (EMA swap, style
-encoding of the real and the null style, sampler loop with style guidance at ``cfg_scale`` 1.5,
-first-stage decoding) under the autocast ``predict_diff.py`` uses, at a 32 x 32 latent: the
-paper's DDIM (128 requested steps = 143 model calls) with two guidance passes and with one
-batched pass, and DPM-Solver++ with 20 steps. A configuration whose full run would exceed
+**sample** — time per synthetic pair of :meth:`StyleDiffusion.generate` (style encoding of the
+real and the null style, sampler loop with style guidance at ``cfg_scale`` 1.5, first-stage
+decoding) on the model as ``predict_diff.py`` loads it (EMA weights in place), under the autocast
+``predict_diff.py`` uses, at a 32 x 32 latent: the paper's DDIM (128 requested steps = 143 model
+calls) with two guidance passes, with one batched pass and with a shared trunk, and DPM-Solver++
+with 20 and 10 steps. A configuration whose full run would exceed
 ``--max-sample-seconds`` (the paper preset on a CPU) is timed on the same ``generate`` path with
 few sampler steps: each timed run is extrapolated as ``fixed + calls x its median step time``
 (step times from a clock on the sampler's progress hook, fixed = everything else in the call),
@@ -311,7 +312,7 @@ def measure_sampling(device: str, preset: str, setups: list[SampleSetup], batch_
     unpickle in the parent), so the caller pairs them with its setups."""
     H.quiet_libraries()
     module, cfg = build_module(preset, overrides)
-    module = module.to(device).eval()
+    module = module.bake_ema().to(device).eval()  # as predict_diff.py loads it: EMA weights in place
     inputs = synthetic_inputs(module, cfg, batch_size, latent_size)
     timings = [SamplerTiming(module, inputs, setup, device, max_seconds, probe_steps) for setup in setups]
     for timing in timings:
