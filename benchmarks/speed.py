@@ -15,7 +15,7 @@ peak measured at the start of this run; memory is each path's peak (CPU: residen
 its own process). Sampling quality of the fast sampler is a separate table:
 ``benchmarks/sampler_agreement.py``.
 
-    python benchmarks/speed.py --threads 2          # the whole table (CPU: about an hour)
+    python benchmarks/speed.py --threads 2          # the whole table (~10 min on 2 idle CPU cores)
     python benchmarks/speed.py --quick --threads 1  # smoke run, figures not for quoting
     python benchmarks/speed.py --only ssl wsi
 """
