@@ -82,6 +82,21 @@ def assert_killed_mid_epoch(checkpoint: dict, batches_per_epoch: int, total_step
         f"the run should have been killed mid-epoch after its first checkpoint (step {step})"
 
 
+def interrupt_and_resume(tmp_path: Path, script: str, overrides: list[str], train, batches_per_epoch: int,
+                         total_steps: int):
+    """(config of the interrupted run, config of the reference run): the reference trains
+    uninterrupted; the other is killed mid-epoch after its first checkpoint, then the same command
+    runs again (resume=auto) to the end."""
+    reference_cfg = compose_in(tmp_path / "reference", script, overrides)
+    train(reference_cfg)
+    interrupted = tmp_path / "interrupted"
+    run_script(f"{script}.py", interrupted, overrides, kill_after_first_checkpoint=True)
+    cfg = compose_in(interrupted, script, overrides)
+    assert_killed_mid_epoch(last_checkpoint(cfg), batches_per_epoch, total_steps)
+    run_script(f"{script}.py", interrupted, overrides)
+    return cfg, reference_cfg
+
+
 def assert_same_training_state(resumed: dict, reference: dict) -> None:
     assert resumed["global_step"] == reference["global_step"]
     assert resumed["state_dict"].keys() == reference["state_dict"].keys()
@@ -94,13 +109,8 @@ def assert_same_training_state(resumed: dict, reference: dict) -> None:
 
 @pytest.mark.e2e
 def test_train_diff_resumes_exactly_with_its_ema(tmp_path):
-    reference_cfg = compose_in(tmp_path / "reference", "train_diff", DIFFUSION)
-    train_diffusion(reference_cfg)
-    interrupted = tmp_path / "interrupted"
-    run_script("train_diff.py", interrupted, DIFFUSION, kill_after_first_checkpoint=True)
-    cfg = compose_in(interrupted, "train_diff", DIFFUSION)
-    assert_killed_mid_epoch(last_checkpoint(cfg), batches_per_epoch=8, total_steps=12)
-    run_script("train_diff.py", interrupted, DIFFUSION)  # the same command again: resume=auto
+    cfg, reference_cfg = interrupt_and_resume(tmp_path, "train_diff", DIFFUSION, train_diffusion,
+                                              batches_per_epoch=8, total_steps=12)
     resumed, reference = last_checkpoint(cfg), last_checkpoint(reference_cfg)
     assert_same_training_state(resumed, reference)
     assert resumed["ema"]["optimization_step"] == reference["ema"]["optimization_step"] == 12
@@ -110,13 +120,8 @@ def test_train_diff_resumes_exactly_with_its_ema(tmp_path):
 
 @pytest.mark.e2e
 def test_train_seg_resumes_exactly_and_tests_the_same(tmp_path):
-    reference_cfg = compose_in(tmp_path / "reference", "train_seg", SEGMENTATION)
-    train_segmentation(reference_cfg)
-    interrupted = tmp_path / "interrupted"
-    run_script("train_seg.py", interrupted, SEGMENTATION, kill_after_first_checkpoint=True)
-    cfg = compose_in(interrupted, "train_seg", SEGMENTATION)
-    assert_killed_mid_epoch(last_checkpoint(cfg), batches_per_epoch=16, total_steps=32)
-    run_script("train_seg.py", interrupted, SEGMENTATION)
+    cfg, reference_cfg = interrupt_and_resume(tmp_path, "train_seg", SEGMENTATION, train_segmentation,
+                                              batches_per_epoch=16, total_steps=32)
     assert_same_training_state(last_checkpoint(cfg), last_checkpoint(reference_cfg))
     for tag in ("last", "best"):
         runs = [Path(c.location.result_dir) / "runs" / "train_seg" / c.run_name for c in (cfg, reference_cfg)]

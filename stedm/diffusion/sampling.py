@@ -99,8 +99,9 @@ def sample(
     """Run ``sampler`` from ``noise`` (B x C x h x w) and return the clean latent x0.
 
     ``scheduler`` is the training scheduler (its betas define every sampler). ``spacing`` None
-    means ``paper`` for ``ddim``, ``logsnr`` for ``dpm_solver``, diffusers' default for ``ddpm``. ``progress`` wraps the timestep iterable (e.g. ``tqdm``). ``generator`` drives
-    the noise of ``ddpm`` only.
+    means ``paper`` for ``ddim``, ``logsnr`` for ``dpm_solver``, diffusers' default for ``ddpm``.
+    ``progress`` wraps the timestep iterable (e.g. ``tqdm``). ``generator`` drives the noise of
+    ``ddpm`` only.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -108,13 +109,8 @@ def sample(
     if sampler == "ddim" and spacing in (None, "paper"):
         timesteps = paper_ddim_timesteps(scheduler.config.num_train_timesteps, steps)
         return _ddim_paper(model_fn, noise, scheduler.alphas_cumprod, timesteps, progress)
-    diffusers_scheduler = _diffusers_sampler(sampler, scheduler, spacing)
-    if sampler == "dpm_solver" and spacing in (None, LOGSNR):
-        diffusers_scheduler.set_timesteps(timesteps=logsnr_timesteps(scheduler.alphas_cumprod, steps).tolist(),
-                                          device=noise.device)
-    else:
-        diffusers_scheduler.set_timesteps(steps, device=noise.device)
-    return _diffusers_loop(model_fn, noise, diffusers_scheduler, progress, generator)
+    return _diffusers_loop(model_fn, noise, _diffusers_sampler(sampler, scheduler, spacing, steps, noise.device),
+                           progress, generator)
 
 
 def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
@@ -151,7 +147,9 @@ def _ddim_paper(
     return x
 
 
-def _diffusers_sampler(sampler: str, scheduler: DDPMScheduler, spacing: str | None):
+def _diffusers_sampler(sampler: str, scheduler: DDPMScheduler, spacing: str | None, steps: int,
+                       device: torch.device):
+    """The diffusers scheduler of ``sampler``, its ``steps`` timesteps set on ``device``."""
     allowed = (*DIFFUSERS_SPACINGS, LOGSNR) if sampler == "dpm_solver" else DIFFUSERS_SPACINGS
     if spacing == "paper":
         raise ValueError(f"spacing 'paper' exists for sampler 'ddim' only; {sampler!r} takes {allowed}")
@@ -162,11 +160,19 @@ def _diffusers_sampler(sampler: str, scheduler: DDPMScheduler, spacing: str | No
     if spacing is not None and spacing != LOGSNR:
         overrides["timestep_spacing"] = spacing
     if sampler == "ddim":
-        return DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=True, **overrides)
-    if sampler == "dpm_solver":  # ends at t = 0 like the paper's DDIM
-        return DPMSolverMultistepScheduler.from_config(scheduler.config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       final_sigmas_type="sigma_min", **overrides)
-    return DDPMScheduler.from_config(scheduler.config, clip_sample=False, **overrides)
+        diffusers_scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=True,
+                                                        **overrides)
+    elif sampler == "dpm_solver":  # ends at t = 0 like the paper's DDIM
+        diffusers_scheduler = DPMSolverMultistepScheduler.from_config(
+            scheduler.config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min", **overrides)
+    else:
+        diffusers_scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=False, **overrides)
+    if sampler == "dpm_solver" and spacing in (None, LOGSNR):
+        timesteps = logsnr_timesteps(scheduler.alphas_cumprod, steps).tolist()
+        diffusers_scheduler.set_timesteps(timesteps=timesteps, device=device)
+    else:
+        diffusers_scheduler.set_timesteps(steps, device=device)
+    return diffusers_scheduler
 
 
 def _diffusers_loop(

@@ -331,8 +331,8 @@ class StyleDiffusion(pl.LightningModule):
                     cond = self.style(style)
                     # every sample's null style is the same image set: encode it once
                     uncond = cond if cfg_scale == 1.0 else self.style(null_style_like(style[:1])).expand_as(cond)
-                    if cfg_scale != 1.0 and batched_guidance and shared_trunk and hasattr(self.denoiser,
-                                                                                            "forward_guided"):
+                    share_trunk = hasattr(self.denoiser, "forward_guided") and batched_guidance and shared_trunk
+                    if share_trunk and cfg_scale != 1.0:
                         model_fn = guided_pair_fn(lambda x_t, t: self._predict_eps_pair(x_t, t, layout, cond, uncond),
                                                   cfg_scale, rescale, guidance_mode)
                     else:
