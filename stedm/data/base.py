@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stedm.data.contract import IGNORE_INDEX, image_to_tensor, mask_to_tensor
+from stedm.data.transforms import seed_transform
 
 SPLITS = ("train", "val", "test")
 ROLES = ("labelled", "unlabelled")
@@ -88,8 +89,8 @@ class SegmentationDataset(Dataset):
         # augmentation and style sampling: reproducible, and different in every worker.
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         if self.transform is not None:
-            if hasattr(self.transform, "set_random_seed"):
-                self.transform.set_random_seed(seed)
+            if hasattr(self.transform, "set_random_state"):
+                seed_transform(self.transform, seed)
             masks = [m for m in (mask, instances) if m is not None]
             out = self.transform(image=image, masks=masks) if masks else self.transform(image=image)
             image = out["image"]

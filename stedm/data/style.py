@@ -16,6 +16,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from stedm.data.transforms import seed_transform
+
 
 class StyleSampler:
     """Base class; ``num_images = 0`` means no style key in the sample."""
@@ -58,7 +60,7 @@ class AugmentedStyle(StyleSampler):
         ])
 
     def __call__(self, dataset, record, image, rng):
-        self.transform.set_random_seed(int(rng.integers(0, 2**31)))
+        seed_transform(self.transform, int(rng.integers(0, 2**31)))
         return [self.transform(image=image)["image"]]
 
 
