@@ -17,7 +17,6 @@ resumed from ``last.ckpt`` mid-epoch ends with the same weights as one never int
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Checkpoint
+
+from stedm.resume import IDENTITY_KEY, atomic_replace_keeping_previous, readable
 
 LAST = "last.ckpt"
 RUN_METRICS = "run_metrics.json"
@@ -48,6 +49,7 @@ class LastCheckpoint(Checkpoint):
         self.path = Path(dirpath) / LAST
         self.every_n_train_steps = int(every_n_train_steps or 0)
         self._saved_step: int | None = None
+        self._epoch_boundary = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path is not None:
@@ -67,16 +69,72 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._epoch_boundary:
+            mark_epoch_finished(checkpoint["loops"]["fit_loop"])
+
     def save(self, trainer: pl.Trainer) -> None:
         """Write the checkpoint (all ranks take part) unless this step is saved already."""
         if self._saved_step == trainer.global_step or trainer.sanity_checking:
             return
         partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial)  # collective; global rank zero writes
+        loop = trainer.fit_loop.epoch_loop
+        self._epoch_boundary = loop.batch_progress.current.processed >= trainer.num_training_batches
+        try:
+            trainer.save_checkpoint(partial)  # collective; global rank zero writes
+        finally:
+            self._epoch_boundary = False
         if trainer.is_global_zero:
-            os.replace(partial, self.path)
+            _, why = readable(partial)
+            if why is not None:
+                raise RuntimeError(f"the checkpoint just written to {partial} cannot be read back ({why}); "
+                                   f"{self.path} is kept as it was. Is the disk full?")
+            atomic_replace_keeping_previous(partial, self.path)
         trainer.strategy.barrier("LastCheckpoint.save")
         self._saved_step = trainer.global_step
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """SIGTERM (SLURM's preemption and time-out signal) between two training batches: save the
+        work so far, so that the requeued job loses nothing."""
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current
+        between_batches = batches.completed == batches.processed and not trainer.sanity_checking
+        if isinstance(exception, SIGTERMException) and trainer.training and between_batches:
+            self.save(trainer)
+
+
+def mark_epoch_finished(fit_loop: dict[str, Any]) -> None:
+    """Record a checkpoint taken after an epoch's last batch as the boundary to the next epoch.
+
+    Lightning saves such a checkpoint with the epoch processed but not yet completed. Resumed
+    with ``max_steps`` set, its fit loop restarts that finished epoch (one extra batch, a shifted
+    epoch counter); with ``max_epochs`` only, it counts the epoch completed. Writing the state the
+    loop has once the epoch is completed and the next not yet begun (the epoch counted completed,
+    the per-epoch "current" counters of batches, optimizer steps and schedulers at zero; the
+    totals kept) makes both resume alike, at the start of the next epoch, exactly where the
+    training sampler's state (:meth:`stedm.data.datamodule.StedmDataModule.state_dict`) resumes.
+    """
+    epochs = fit_loop["epoch_progress"]
+    for scope in ("total", "current"):
+        epochs[scope]["completed"] = epochs[scope]["processed"]
+
+    def zero_current(progress: dict[str, Any]) -> None:
+        for key, value in progress.items():
+            if key == "current":
+                progress[key] = {name: 0 for name in value}
+            elif isinstance(value, dict):
+                zero_current(value)
+
+    for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress",
+                "epoch_loop.automatic_optimization.optim_progress", "epoch_loop.manual_optimization.optim_step_progress"):
+        if key in fit_loop:
+            zero_current(fit_loop[key])
+    fit_loop["epoch_loop.batch_progress"]["is_last_batch"] = False
+    validation = fit_loop.get("epoch_loop.val_loop.batch_progress")
+    if validation is not None:  # counts the validation batches of one epoch (Lightning resets it too)
+        validation["total"] = {name: 0 for name in validation["total"]}
 
 
 class RandomState(pl.Callback):
@@ -123,18 +181,57 @@ def seed_all(seed: int) -> None:
 
 
 def capture_random_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain containers and tensors only, so that checkpoints load with ``weights_only=True``."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    state = {"python": [version, list(python_state), python_gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()  # this process's device
     return state
 
 
 def restore_random_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, python_state, python_gauss = state["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointContent(pl.Callback):
+    """Every checkpoint carries the run's identity (:func:`stedm.resume.identity`, checked before
+    a run continues from it) and holds only what ``torch.load(weights_only=True)`` accepts: the
+    hyper-parameters Lightning saves are reduced to plain values (a partial optimizer becomes
+    its description; the model is always rebuilt from the config, never from them)."""
+
+    def __init__(self, identity: dict[str, Any]) -> None:
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint[IDENTITY_KEY] = self.identity
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain(checkpoint[key])
+
+
+def plain(value: Any) -> Any:
+    """``value`` with everything but plain containers, numbers, strings and tensors as ``repr``."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    return repr(value)
 
 
 class RunMetrics(pl.Callback):

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stedm.cluster import adopt_submitit_local_tasks, cluster_plugins, is_rank_zero_process
+from stedm.resume import Start, check_run_start, identity
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class RunContext:
     lr: float | None
     precision: str
     num_workers: int
+    start: Start
 
 
 def batch_size(cfg: DictConfig) -> int:
@@ -99,10 +101,13 @@ def run_dir(cfg: DictConfig) -> Path:
     return path
 
 
-def prepare(cfg: DictConfig) -> RunContext:
-    """Validate the location, seed everything, and compute the run's derived settings."""
+def prepare(cfg: DictConfig, trains: bool = True) -> RunContext:
+    """Validate the location, check where the run starts from (:func:`stedm.resume.check_run_start`:
+    a run that would continue another run's checkpoint or could not save is refused before
+    anything is written), seed everything, and compute the run's derived settings."""
     adopt_submitit_local_tasks()
     devices = resolve_devices(cfg.location)
+    start = check_run_start(cfg) if trains else Start(None)
     world = devices * int(cfg.location.num_nodes)
     batch = batch_size(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -113,37 +118,31 @@ def prepare(cfg: DictConfig) -> RunContext:
                      checkpoint_dir=Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name,
                      devices=devices, world_size=world, batch_size=batch,
                      lr=learning_rate(cfg, batch, world), precision=resolve_precision(cfg.location),
-                     num_workers=resolve_num_workers(cfg.location))
+                     num_workers=resolve_num_workers(cfg.location), start=start)
     if is_rank_zero_process():
         (directory / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run %s: dir %s, %d process(es), batch %d/process, lr %s, precision %s",
-             cfg.run_name, directory, world, batch, ctx.lr, ctx.precision)
+    if start.note:
+        log.warning(start.note)
+    log.info("run %s: dir %s, %d process(es), batch %d/process, lr %s, precision %s%s",
+             cfg.run_name, directory, world, batch, ctx.lr, ctx.precision,
+             f", continuing from {start.checkpoint}" if start.checkpoint else "")
     return ctx
 
 
-def resume_checkpoint(cfg: DictConfig, ctx: RunContext) -> str | None:
-    """The checkpoint to continue from, per ``cfg.resume``; never silently overwrite a run."""
-    resume = cfg.get("resume", "auto")
-    last = ctx.checkpoint_dir / "last.ckpt"
-    if resume in (None, False, "false"):
-        if ctx.checkpoint_dir.is_dir() and any(ctx.checkpoint_dir.glob("*.ckpt")):
-            raise FileExistsError(
-                f"{ctx.checkpoint_dir} already holds checkpoints of an earlier run named '{cfg.run_name}'; "
-                "pass resume=auto to continue it, or change seed/run_name to start another")
-        return None
-    if resume == "auto":
-        return str(last) if last.is_file() else None
-    path = Path(str(resume))
-    if not path.is_file():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint")
-    return str(path)
-
-
 def fit(cfg: DictConfig, ctx: RunContext, trainer: pl.Trainer, model: pl.LightningModule, datamodule) -> None:
-    """``trainer.fit``, continuing from the run's checkpoint per ``resume`` (the run's own file:
-    loaded in full, hyper-parameters, random states and all)."""
-    trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, ctx),
-                weights_only=False)
+    """``trainer.fit``, continuing from the checkpoint :func:`prepare` chose (read without
+    executing code: our checkpoints hold plain values and tensors only). A run stopped by SIGTERM
+    (SLURM's preemption and time-out signal) saves its work and exits with status 143, so that
+    neither a scheduler nor a sweep summary takes it for finished."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    checkpoint = str(ctx.start.checkpoint) if ctx.start.checkpoint else None
+    try:
+        trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
+    except SIGTERMException as stop:
+        raise SystemExit(143) from stop
+    if trainer.received_sigterm:
+        raise SystemExit(143)
 
 
 # -- trainer -----------------------------------------------------------------------------------
@@ -153,7 +152,9 @@ def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
     built = []
     for name in cfg.get("logger") or []:
         if name == "csv":
-            built.append(loggers.CSVLogger(ctx.run_dir, name="logs", version=""))
+            from stedm.logs import AppendingCSVLogger
+
+            built.append(AppendingCSVLogger(ctx.run_dir, name="logs", version=""))
         elif name == "tensorboard":
             built.append(loggers.TensorBoardLogger(ctx.run_dir, name="tensorboard", version=""))
         elif name == "wandb":
@@ -168,7 +169,7 @@ def build_callbacks(cfg: DictConfig, ctx: RunContext) -> list[pl.Callback]:
     ``checkpoint.monitor`` if set, random states and final metrics (:mod:`stedm.callbacks`)."""
     from pytorch_lightning import callbacks
 
-    from stedm.callbacks import LastCheckpoint, RandomState, RunMetrics
+    from stedm.callbacks import CheckpointContent, LastCheckpoint, RandomState, RunMetrics
 
     ckpt = cfg.checkpoint
     built: list[pl.Callback] = []
@@ -177,7 +178,7 @@ def build_callbacks(cfg: DictConfig, ctx: RunContext) -> list[pl.Callback]:
             dirpath=ctx.checkpoint_dir, monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=int(ckpt.save_top_k),
             filename="best-{epoch:03d}-{step:07d}", auto_insert_metric_name=False))
     built += [LastCheckpoint(ctx.checkpoint_dir, ckpt.get("every_n_train_steps")), RandomState(int(cfg.seed)),
-              RunMetrics(ctx.run_dir)]
+              RunMetrics(ctx.run_dir), CheckpointContent(identity(cfg))]
     if cfg.trainer.get("enable_progress_bar", True):
         built.append(callbacks.TQDMProgressBar(refresh_rate=10))
     return built

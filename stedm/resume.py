@@ -1,0 +1,261 @@
+"""Which checkpoint a run continues from, and whether it may: the one start-of-run check.
+
+A run is identified by everything that changes its result, not by its readable name. Every
+checkpoint stores the run's *identity* (:func:`identity`): the whole resolved config as dotted
+keys, with the paths under ``location.data_dir`` / ``location.result_dir`` written relative to
+them, input weights (``pretrained``, ``*.weights_path``, ``*.pretrained_path``) by their sha256,
+and the derived batch size, learning rate and world size. A run that would continue from a
+checkpoint of another identity is refused, naming each differing key, unless the key is on the
+allow-change list: :data:`ALLOWED_CHANGES` (paths, hardware, logging, how often to checkpoint,
+training longer) plus the run's own ``allow_change`` patterns.
+
+:func:`check_run_start` runs before anything is written: first as the Hydra callback
+:class:`RunStartCheck` (before Hydra writes ``.hydra/`` and its log into the run folder), then
+again in :func:`stedm.run.prepare` (for runs started without Hydra, and each job of a sweep).
+It also checks that the run's folders can be written, and it picks the checkpoint to continue
+from: ``last.ckpt``, or, when that cannot be read (a kill while it was replaced, a damaged
+disk), the previous one, ``last.prev.ckpt``, which :class:`stedm.callbacks.LastCheckpoint`
+keeps until its successor is complete and verified.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+IDENTITY_KEY = "stedm_run_identity"
+LAST, PREVIOUS = "last.ckpt", "last.prev.ckpt"
+ALLOWED_CHANGES = (
+    "location.*",  # hardware and paths; what they change (batch, lr, world size) is in derived.*
+    "logger", "main_metric", "resume", "allow_change", "test_checkpoints", "progress",
+    "trainer.max_epochs", "trainer.max_steps",  # train longer (or stop sooner)
+    "trainer.enable_progress_bar", "trainer.log_every_n_steps",
+    "checkpoint.every_n_train_steps",
+)
+"""Keys that may differ between a checkpoint and the run that continues from it."""
+WITHOUT_CHECKPOINTS = ("predict_diff",)
+"""Tasks that train nothing, so continue from nothing."""
+WEIGHT_KEYS = ("pretrained", "weights_path", "pretrained_path")
+"""Config keys (last part) that name input weights: identified by content, not path."""
+
+
+# -- identity ------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime: float) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (remembered per path, size and mtime within a process)."""
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime)
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
+        if not node and prefix:
+            out[prefix] = {}
+    else:
+        out[prefix] = node
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The run's identity: its resolved config (no ``hydra``) as ``{dotted key: value}``."""
+    from stedm.run import batch_size, learning_rate, resolve_devices
+
+    container = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+                 for key in cfg if key != "hydra"}
+    flat: dict[str, Any] = {}
+    _flatten(container, "", flat)
+    roots = [(str(cfg.location.result_dir), "<result_dir>"), (str(cfg.location.data_dir), "<data_dir>")]
+    for key, value in flat.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, str):
+            if key.rsplit(".", 1)[-1] in WEIGHT_KEYS and Path(value).expanduser().is_file():
+                value = f"sha256:{file_sha256(Path(value).expanduser())}"
+            else:
+                for root, name in roots:
+                    value = value.replace(root, name)
+        flat[key] = list(value) if isinstance(value, tuple) else value
+    world = resolve_devices(cfg.location) * int(cfg.location.num_nodes)
+    batch = batch_size(cfg)
+    flat.update({"derived.world_size": world, "derived.batch_size": batch,
+                 "derived.lr": learning_rate(cfg, batch, world)})
+    return flat
+
+
+def allowed_changes(cfg: DictConfig) -> list[str]:
+    return [*ALLOWED_CHANGES, *[str(p) for p in (cfg.get("allow_change") or [])]]
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any], allowed: list[str]) -> list[str]:
+    """``key: old -> new`` for every key that differs and may not."""
+    found = []
+    for key in sorted(set(stored) | set(current)):
+        if any(fnmatch.fnmatchcase(key, pattern) or key.startswith(pattern + ".") for pattern in allowed):
+            continue
+        old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        if old != new:
+            found.append(f"{key}: {old!r} -> {new!r}")
+    return found
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """A checkpoint of ours, read without executing code (``weights_only``); ``mmap`` leaves the
+    tensors on disk until used, so reading the identity of a large checkpoint is cheap."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def readable(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(checkpoint, None)`` if ``path`` loads, else ``(None, why)``."""
+    try:
+        return read_checkpoint(path), None
+    except Exception as error:  # noqa: BLE001 - any failure to read means: not usable
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+@dataclass
+class Start:
+    """What a run starts from: ``checkpoint`` None for a fresh run."""
+
+    checkpoint: Path | None
+    note: str | None = None
+
+
+def choose_checkpoint(checkpoint_dir: Path) -> Start:
+    """``last.ckpt``, or ``last.prev.ckpt`` when the latest cannot be read; None if neither exists."""
+    last, previous = checkpoint_dir / LAST, checkpoint_dir / PREVIOUS
+    candidates = [p for p in (last, previous) if p.is_file()]
+    if not candidates:
+        return Start(None)
+    failures = []
+    for path in candidates:
+        checkpoint, why = readable(path)
+        if checkpoint is not None:
+            note = None
+            if failures:
+                note = (f"{failures[0][0]} cannot be read ({failures[0][1]}); continuing from the previous "
+                        f"checkpoint {path}")
+            return Start(path, note)
+        failures.append((path, why))
+    raise RuntimeError(
+        "resume=auto: no checkpoint of this run can be read: "
+        + "; ".join(f"{p} ({why})" for p, why in failures)
+        + f". Move {checkpoint_dir} away to start afresh, or give the run another name (run_name=...)")
+
+
+def run_checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.location.result_dir) / "checkpoints" / str(cfg.run_name)
+
+
+def check_run_start(cfg: DictConfig) -> Start:
+    """Refuse, before anything is written, a run that would resume the wrong model or could not
+    save its work; return the checkpoint it continues from."""
+    resume = cfg.get("resume", "auto")
+    checkpoint_dir = run_checkpoint_dir(cfg)
+    if resume in (None, False, "false"):
+        if checkpoint_dir.is_dir() and any(checkpoint_dir.glob("*.ckpt")):
+            raise FileExistsError(
+                f"resume=false, but {checkpoint_dir} already holds checkpoints of an earlier run named "
+                f"'{cfg.run_name}'; pass resume=auto to continue it, or change seed/run_name to start another")
+        start = Start(None)
+    elif resume == "auto":
+        start = choose_checkpoint(checkpoint_dir)
+    else:
+        path = Path(str(resume))
+        if not path.is_file():
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint")
+        _, why = readable(path)
+        if why is not None:
+            raise ValueError(f"resume={resume}: cannot be read safely ({why}); give a checkpoint written by "
+                             "this project, or convert one with `python -m stedm.weights convert`")
+        start = Start(path)
+    if start.checkpoint is not None:
+        check_identity(cfg, start.checkpoint)
+    check_writable(checkpoint_dir, "location.result_dir")
+    return start
+
+
+def check_identity(cfg: DictConfig, path: Path) -> None:
+    stored = read_checkpoint(path).get(IDENTITY_KEY)
+    if stored is None:
+        log.warning("%s holds no run identity (written by an older version): continuing without checking that "
+                    "its settings match this run's", path)
+        return
+    changed = differences(stored, identity(cfg), allowed_changes(cfg))
+    if changed:
+        raise ValueError(
+            f"resume: {path} was trained with other settings than this run ('{cfg.run_name}'):\n  "
+            + "\n  ".join(changed)
+            + "\nNothing was written. To start a fresh run with these settings, give it another name "
+              f"(run_name={cfg.run_name}-v2, or any name); to continue the old run, use its settings; to "
+              "continue it with a changed key on purpose, add the key to allow_change (e.g. "
+              f"'allow_change=[{changed[0].split(':')[0]}]').")
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """Create ``directory`` if needed and prove a file can be written there (as root, permission
+    bits are no proof: a read-only mount is found only by trying)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"{directory} cannot be written ({error.strerror or error}); set {key} to a folder "
+                              "you can write") from error
+
+
+# -- Hydra ----------------------------------------------------------------------------------------
+class RunStartCheck(Callback):
+    """:func:`check_run_start` before Hydra writes into the run folder (single runs; each job of a
+    sweep is checked by :func:`stedm.run.prepare` inside its own, new job folder)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from stedm.cluster import is_rank_zero_process
+
+        if "run_name" not in config or config.get("task") in WITHOUT_CHECKPOINTS or not is_rank_zero_process():
+            return
+        try:
+            check_run_start(config)
+        except (ValueError, OSError, RuntimeError) as error:
+            # Hydra turns a callback's exceptions into warnings; exiting stops the run here.
+            raise SystemExit(f"Error: {error}") from error
+
+
+def atomic_replace_keeping_previous(partial: Path, path: Path) -> None:
+    """Put ``partial`` in place of ``path``, keeping the old ``path`` as ``last.prev.ckpt`` (a hard
+    link first, so that at every moment one complete checkpoint is in place)."""
+    previous = path.with_name(PREVIOUS)
+    if path.is_file():
+        staged = path.with_name(f".{PREVIOUS}.{os.getpid()}")
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(path, staged)
+        except OSError:  # no hard links on this file system: a copy's worth of time, same guarantee
+            import shutil
+
+            shutil.copy2(path, staged)
+        os.replace(staged, previous)
+    os.replace(partial, path)
