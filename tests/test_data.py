@@ -84,9 +84,21 @@ def test_flowers_official_format(tmp_path):
     mask = labelled[0]["mask"]
     assert mask[:16, :16].eq(1).all() and mask[16:].eq(0).all() and mask[:, 16:].eq(0).all()
     pool = FlowersDataset("fu", role="unlabelled", class_train_samples=1, **kw)
-    assert set(pool.ids) == set(range(1, 13)) - {1, 5}
+    assert pool.ids == [2, 6, 9, 10]  # the other training images of classes 0, 1 and those of class 2
     assert FlowersDataset("fa", split="val", **kw).ids == ids["valid"]
     assert FlowersDataset("fa", split="test", **kw).ids == ids["tstid"]
+
+
+def test_flowers_style_pool_holds_no_validation_or_test_image(tmp_path):
+    ids = write_flowers(tmp_path / "flowers", classes=[0, 1, 2, 3], per_class=6)
+    kw = dict(root=tmp_path / "flowers", train_classes=[0, 1], unanno_classes=[2, 3], num_classes=2)
+    evaluation = set(ids["valid"]) | set(ids["tstid"])
+    for k in (None, 0, 2):
+        pool = FlowersDataset("fu", role="unlabelled", class_train_samples=k, **kw)
+        labelled = set(FlowersDataset("fa", class_train_samples=k, **kw).ids) if k != 0 else set()
+        assert not set(pool.ids) & evaluation
+        assert set(pool.ids) | labelled == set(ids["trnid"]) and not set(pool.ids) & labelled
+        assert not {pool.load(i).case for i in range(len(pool))} & {f"image_{i:05d}" for i in evaluation}
 
 
 def test_synthetic_pairs_read_back_with_manifest(tmp_path):

@@ -7,8 +7,10 @@
 - labelled, train: the first ``class_train_samples`` images (by id) of the official training
   split of each class in ``train_classes``;
 - labelled, val / test: the official ``valid`` / ``tstid`` splits, all classes;
-- unlabelled (the style pool): every other image of the train classes plus every image of the
-  ``unanno_classes`` (the original built this pool from the wrong list).
+- unlabelled (the style pool): every other official *training* image (``trnid``) of the train
+  classes plus the training images of the ``unanno_classes`` (the original built this pool from
+  the wrong list). ``valid`` and ``tstid`` images are never in it: synthetic training pairs
+  would carry the appearance of evaluation images (SPEC reads "all images of the unanno classes").
 Each image is its own case. Masks: 0 = background (R<=10, G<=10, B>=220), 1 = flower.
 """
 
@@ -63,7 +65,8 @@ class FlowersDataset(SegmentationDataset):
         labelled = {i for c in train_classes for i in (per_class[c] if k is None else per_class[c][:k])}
         if role == "unlabelled":
             pool = set(int(c) for c in unanno_classes) | train_classes
-            self.ids = [i for i in range(1, len(labels) + 1) if int(labels[i - 1]) in pool and i not in labelled]
+            train_ids = sorted(set(setid["trnid"].tolist()))
+            self.ids = [i for i in train_ids if int(labels[i - 1]) in pool and i not in labelled]
         elif split == "train":
             self.ids = sorted(labelled)
         else:
