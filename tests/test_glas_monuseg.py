@@ -128,3 +128,30 @@ def test_monuseg_bad_layout_is_refused(tmp_path):
     bad.write_text("<Annotations><Region><Vertices><Vertex X='a' Y='1'/></Vertices></Region></Annotations>")
     with pytest.raises(ValueError, match="Vertex without numeric"):
         MoNuSegDataset(root=root, split="test")[0]
+
+
+def draw_frequency(dm) -> dict[str, float]:
+    """Expected draws per epoch of every image of the DataModule's training stream."""
+    frequency: dict[str, float] = {}
+    for dataset, count in zip(dm.train_sets, dm.epoch_mix().values()):
+        for case in dataset.cases():
+            frequency[case] = frequency.get(case, 0.0) + count / len(dataset)
+    return frequency
+
+
+@pytest.mark.parametrize("data, writer, names", [
+    ("glas", write_glas, [f"train_{i}" for i in range(1, 12)]),
+    ("monuseg", write_monuseg, ["TCGA-00-0001", "TCGA-01-0001", "TCGA-02-0001"]),
+])
+@pytest.mark.parametrize("labelled", [None, 2])
+def test_pretraining_draws_every_official_training_image_equally_often(compose_cfg, tmp_path, data, writer,
+                                                                        names, labelled):
+    from stedm.data.datamodule import StedmDataModule
+
+    writer(tmp_path / "data" / data)
+    cfg = compose_cfg("pretrain_ssl", [f"data={data}", f"data.class_train_samples={labelled or 'null'}",
+                                       "data.patch_size=8", "data.samples=66"])
+    dm = StedmDataModule(cfg.data, batch_size=2, eval_splits=())
+    frequency = draw_frequency(dm)
+    assert sorted(frequency) == sorted(names)
+    assert max(frequency.values()) - min(frequency.values()) < 1e-9, frequency
