@@ -122,6 +122,38 @@ def test_hausdorff_matches_torchmetrics_on_blobs():
     assert ours == pytest.approx(float(reference))
 
 
+def random_blobs(rng, shape, clear_border: bool) -> np.ndarray:
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape), 3)
+    mask = noise > 0.3 * noise.std()
+    if clear_border:
+        mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = False, False, False, False
+    return mask
+
+
+@pytest.mark.parametrize("clear_border", [True, False])
+def test_hd_and_hd95_match_monai(clear_border):
+    """HD95 = max of the two directed 95th percentiles on 4-neighbour boundaries: MONAI's
+    ``compute_hausdorff_distance(percentile=95, directed=False)``, objects touching the border too."""
+    import warnings
+
+    from monai.metrics import compute_hausdorff_distance
+
+    def one_hot(mask):
+        return torch.from_numpy(np.stack([~mask, mask])[None].astype(np.float32))
+
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        pred, target = random_blobs(rng, (40, 48), clear_border), random_blobs(rng, (40, 48), clear_border)
+        hd, hd95 = hausdorff_distance(pred, target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated argument
+            reference = [float(compute_hausdorff_distance(one_hot(pred), one_hot(target), percentile=p,
+                                                          directed=False)) for p in (None, 95)]
+        assert (hd, hd95) == pytest.approx(reference, rel=1e-6, abs=1e-5)  # MONAI computes in float32
+
+
 def test_hausdorff_empty_conventions():
     empty = np.zeros((3, 4), dtype=bool)
     assert all(math.isnan(v) for v in hausdorff_distance(empty, empty))
