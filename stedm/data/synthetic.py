@@ -9,6 +9,8 @@ seed, sampler, checkpoint ...). When the manifest is present only the pairs it r
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from pathlib import Path
 
@@ -19,24 +21,67 @@ PAIR_IMAGE = "img_{:05d}.png"
 PAIR_MASK = "seg_{:05d}.png"
 MANIFEST = "manifest.jsonl"
 _INDEX = re.compile(r"img_(\d+)\.png$")
+log = logging.getLogger(__name__)
+
+
+def _manifest_lines(path: Path) -> tuple[list[tuple[int, dict]], int | None]:
+    """``(line number, record)`` of every complete record, and the byte offset where a last line
+    cut short by a kill starts (None if there is none). A bad line elsewhere is an error."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    records, offset = [], 0
+    for line_no, line in enumerate(lines, 1):
+        last = line_no == len(lines) or (line_no == len(lines) - 1 and lines[-1] == b"")
+        if line.strip():
+            try:
+                records.append((line_no, json.loads(line)))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                if last:  # the unfinished pair: its record was being written when the run stopped
+                    return records, offset
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err}); only a cut-short last line is "
+                                 "taken for an unfinished pair, so fix or delete this line") from err
+        offset += len(line) + 1
+    return records, None
 
 
 def read_manifest(folder: Path) -> dict[int, dict]:
-    """Index -> manifest record; an empty dict when there is no manifest."""
+    """Index -> manifest record; an empty dict when there is no manifest. A last line cut short
+    (a run killed while writing it) is skipped: its pair does not count as done."""
     path = folder / MANIFEST
     if not path.is_file():
         return {}
-    records = {}
-    with path.open() as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
-            records[int(record["index"])] = record
-    return records
+    records, cut = _manifest_lines(path)
+    if cut is not None:
+        log.warning("%s: the last line is cut short (a run stopped while writing it); that pair is left out",
+                    path)
+    return {int(record["index"]): record for _, record in records}
+
+
+def repair_manifest(folder: Path) -> bool:
+    """Drop a cut-short last line from the manifest (so appending continues on a fresh line and
+    that pair is redone); only while no writer runs. True if there was one."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return False
+    _, cut = _manifest_lines(path)
+    if cut is None:
+        if path.stat().st_size and not path.read_bytes().endswith(b"\n"):  # complete, but its newline was not
+            with path.open("ab") as fh:
+                fh.write(b"\n")
+        return False
+    with path.open("r+b") as fh:
+        fh.truncate(cut)
+        os.fsync(fh.fileno())
+    log.warning("%s: removed a cut-short last line; its pair is redone", path)
+    return True
+
+
+def append_manifest(path: Path, records: list[dict]) -> None:
+    """Append ``records`` (one JSON line each) and sync them to disk."""
+    with path.open("a") as fh:
+        fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class SyntheticPairs(SegmentationDataset):
@@ -73,3 +118,6 @@ class SyntheticPairs(SegmentationDataset):
 
     def cases(self) -> list[str]:
         return [f"syn_{i:05d}" for i in self.indices]
+
+    def files(self) -> list[Path]:
+        return [self.folder / name.format(i) for i in self.indices for name in (PAIR_IMAGE, PAIR_MASK)]

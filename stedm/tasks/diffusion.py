@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 from stedm.run import build_datamodule, build_trainer, fit, prepare
 
 CONFIG_KEY = "stedm_model_config"
+CHOICES_KEY = "stedm_choices"  # the resolved style_agg, style_sampling, preset and diffusion of the run
+CHOICES = ("style_agg", "style_sampling", "preset", "diffusion")
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
@@ -35,13 +37,19 @@ def build_model(config: DictConfig | dict, lr: float | None) -> pl.LightningModu
 
 
 class StoreModelConfig(pl.Callback):
-    """Put the model's resolved config into every checkpoint: prediction rebuilds the exact model."""
+    """Put the model's resolved config into every checkpoint: prediction rebuilds the exact model.
+    With ``choices`` (the run's config) also the choices it was built from (:data:`CHOICES`), so
+    that prediction can check its own against them."""
 
-    def __init__(self, config: DictConfig) -> None:
+    def __init__(self, config: DictConfig, choices: DictConfig | None = None) -> None:
         self.config = OmegaConf.to_container(config, resolve=True)
+        self.choices = None if choices is None else {
+            key: OmegaConf.to_container(choices[key], resolve=True) for key in CHOICES}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = self.config
+        if self.choices is not None:
+            checkpoint[CHOICES_KEY] = self.choices
 
 
 def train_diffusion(cfg: DictConfig) -> pl.Trainer:
@@ -50,6 +58,6 @@ def train_diffusion(cfg: DictConfig) -> pl.Trainer:
     config = model_config(cfg)
     model = build_model(config, ctx.lr)
     trainer = build_trainer(cfg, ctx)
-    trainer.callbacks.append(StoreModelConfig(config))
+    trainer.callbacks.append(StoreModelConfig(config, cfg))
     fit(cfg, ctx, trainer, model, datamodule)
     return trainer

@@ -8,33 +8,79 @@ each file written atomically; a pair counts as done once its line is in ``manife
 With several processes (``location.devices``/``num_nodes``, started by Lightning Fabric) each
 takes its share of the pairs still to do.
 A restart skips done pairs; a folder written with another checkpoint or other settings is
-refused unless ``overwrite=true``.
+refused (naming each differing setting) unless ``overwrite=true``.
+
+The checkpoint is read without running code (``weights_only``), and the ``_target_`` values of
+the model config it stores must be ours or listed in ``trusted_targets``. The model is rebuilt
+from that config, so ``style_agg``/``preset``/``diffusion`` given on the command line must agree
+with the ones the checkpoint was trained with; ``style_sampling`` defaults to the training one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
 from stedm.data.contract import tensor_to_image
 from stedm.data.datamodule import build_dataset, entry_ratios
-from stedm.data.io import write_png_atomic
-from stedm.data.synthetic import MANIFEST, PAIR_IMAGE, PAIR_MASK, read_manifest
+from stedm.data.io import is_temporary, remove_temporaries, write_png_atomic, write_text_atomic
+from stedm.data.synthetic import MANIFEST, PAIR_IMAGE, PAIR_MASK, append_manifest, read_manifest, repair_manifest
 from stedm.data.transforms import train_transform
+from stedm.diffusion.guidance import GUIDANCE_MODES
+from stedm.diffusion.sampling import SAMPLERS, sample
+from stedm.models.style import null_style_like
+from stedm.models.weights import load_safely, sha256_of
 from stedm.run import prepare, resolve_precision
-from stedm.tasks.diffusion import CONFIG_KEY, build_model
+from stedm.tasks.diffusion import CHOICES_KEY, CONFIG_KEY, build_model
 
 log = logging.getLogger(__name__)
 SETTINGS = ".stedm_settings.json"
 RANK_MANIFEST = "manifest.rank{}.jsonl"  # the records of rank > 0, until rank zero merges them
+# _target_ values a checkpoint's stored config may name besides stedm.* (those conf/ uses);
+# users add their own with trusted_targets=[...]
+TRUSTED_TARGETS = ("torch.optim.Adam", "torch.optim.AdamW")
+# choices the model is rebuilt from: given on the command line, they must match the checkpoint
+MODEL_CHOICES = ("style_agg", "preset", "diffusion")
+
+
+# -- arguments ---------------------------------------------------------------------------------
+def check_arguments(cfg: DictConfig) -> None:
+    """Refuse impossible settings before a checkpoint is read or a folder is made."""
+    if not cfg.get("predict_dir"):
+        raise ValueError("no output folder: pass +predict_dir=NAME (pairs go to <data_dir>/syn_data/NAME)")
+    if cfg.get("num_pairs") is not None and (not isinstance(cfg.num_pairs, int) or cfg.num_pairs < 1):
+        raise ValueError(f"num_pairs={cfg.num_pairs}: give a positive number of pairs (null = 2 x data.samples)")
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size}: give a positive number of pairs per batch")
+    if not isinstance(cfg.steps, int) or cfg.steps < 1:
+        raise ValueError(f"steps={cfg.steps}: give a positive number of sampling steps")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"sampler={cfg.sampler}: choose one of {', '.join(SAMPLERS)}")
+    if cfg.guidance_mode not in GUIDANCE_MODES:
+        raise ValueError(f"guidance_mode={cfg.guidance_mode}: choose one of {', '.join(GUIDANCE_MODES)}")
+    for key, low, high in (("cfg_scale", 0.0, math.inf), ("rescale", 0.0, 1.0)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                or not math.isfinite(value):
+            raise ValueError(f"{key}={value}: give a finite number in [{low}, {high}]"
+                             + (" (1 = no guidance, 0 = unconditional)" if key == "cfg_scale" else ""))
+
+
+def check_sampler(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """``sampler``/``steps``/``spacing`` the model's schedule can take (a run of the sampler over
+    a 1-pixel latent with a zero network: its timesteps are checked, nothing is computed)."""
+    try:
+        sample(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1), model.noise_scheduler, cfg.sampler,
+               int(cfg.steps), cfg.spacing)
+    except ValueError as err:
+        raise ValueError(f"sampler={cfg.sampler} steps={cfg.steps} spacing={cfg.spacing}: {err}") from None
 
 
 # -- checkpoint --------------------------------------------------------------------------------
@@ -54,24 +100,99 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     raise FileNotFoundError(f"ckpt_name={name}: no checkpoint at {root / str(name)}; runs there: {known}")
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def read_checkpoint(path: Path, trusted: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The checkpoint, read without running code, whose stored configs name trusted targets only."""
+    checkpoint = load_safely(path, "ckpt_name", ".ckpt")
+    if not isinstance(checkpoint, dict) or CONFIG_KEY not in checkpoint:
+        raise ValueError(f"ckpt_name: {path} was not written by train_diff.py (it holds no '{CONFIG_KEY}')")
+    check_targets({CONFIG_KEY: checkpoint[CONFIG_KEY], CHOICES_KEY: checkpoint.get(CHOICES_KEY)}, trusted, path)
+    return checkpoint
 
 
-def load_model(path: Path) -> torch.nn.Module:
+def check_targets(config: Any, trusted: list[str] | tuple[str, ...], path: Path, where: str = "") -> None:
+    """Every ``_target_`` in ``config`` (nested anywhere) is ``stedm.*``, one of
+    :data:`TRUSTED_TARGETS`, or listed in ``trusted`` (``trusted_targets``; an entry ending in
+    ``.`` trusts a whole package): instantiating the config calls them."""
+    allowed = (*TRUSTED_TARGETS, *trusted)
+    if isinstance(config, dict):
+        target = config.get("_target_")
+        if target is not None and not (str(target).startswith("stedm.") or any(
+                str(target) == a or (a.endswith(".") and str(target).startswith(a)) for a in allowed)):
+            raise ValueError(f"ckpt_name: {path} stores a model config naming _target_={target!r} (at "
+                             f"{where or 'top level'}), which is not ours and not in trusted_targets; "
+                             f"if you trust it, pass 'trusted_targets=[{target}]'")
+        for key, value in config.items():
+            check_targets(value, trusted, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            check_targets(value, trusted, path, f"{where}[{i}]")
+
+
+def load_model(checkpoint: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the model from the config that train_diff.py stored in the checkpoint, load it,
     and put its EMA weights in place (the weights it samples with) for good."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if CONFIG_KEY not in checkpoint:
-        raise ValueError(f"{path} was not written by train_diff.py (it holds no '{CONFIG_KEY}')")
     model = build_model(checkpoint[CONFIG_KEY], lr=None)
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)
     return model.bake_ema().eval()
+
+
+# -- choices the checkpoint was trained with ----------------------------------------------------
+def flat(value: Any, prefix: str) -> dict[str, Any]:
+    """Nested containers as ``dotted.key -> leaf``."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every leaf that differs."""
+    a, b = flat(old, ""), flat(new, "")
+    return [f"{k[1:]}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def resolve_choices(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> DictConfig:
+    """``cfg`` with ``style_sampling`` filled in from the checkpoint when not given; refuses
+    ``style_agg``/``preset``/``diffusion`` that contradict the checkpoint, and a ``style_sampling``
+    other than the training one unless ``allow_style_sampling_change=true``."""
+    trained = checkpoint.get(CHOICES_KEY)
+    given = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in (*MODEL_CHOICES, "style_sampling")
+             if cfg.get(key) is not None}
+    if trained is None:
+        if given:
+            log.warning("ckpt_name: %s records no training choices (written before they were stored); %s "
+                        "cannot be checked against it", path, ", ".join(sorted(given)))
+        if "style_sampling" not in given:
+            raise ValueError(f"ckpt_name: {path} does not record its style_sampling; pass style_sampling=NAME")
+        return cfg
+    for key in MODEL_CHOICES:
+        if key in given and given[key] != trained[key]:
+            changed = differences({key: trained[key]}, {key: given[key]})
+            raise ValueError(
+                f"{key}={given[key].get('name')}: the checkpoint {path} was trained with {key}={trained[key].get('name')} "
+                f"and the model is rebuilt from it ({'; '.join(changed[:6])}); drop {key}=... or pass "
+                f"{key}={trained[key].get('name')}")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        if "style_sampling" not in given:
+            cfg.style_sampling = trained["style_sampling"]
+        elif given["style_sampling"] != trained["style_sampling"]:
+            old, new = trained["style_sampling"].get("name"), given["style_sampling"].get("name")
+            changed = "; ".join(differences({"style_sampling": trained["style_sampling"]},
+                                            {"style_sampling": given["style_sampling"]})[:6])
+            if not cfg.get("allow_style_sampling_change"):
+                raise ValueError(f"style_sampling={new}: the checkpoint {path} was trained with style_sampling={old} "
+                                 f"({changed}); drop style_sampling=... to use the training one, or pass "
+                                 "allow_style_sampling_change=true to sample styles differently on purpose")
+            if int(trained["style_sampling"]["num_images"]) == 0:
+                raise ValueError(f"style_sampling={new}: the checkpoint {path} was trained with style_sampling=none "
+                                 "and has no style path, so style images cannot be used; drop style_sampling=...")
+            log.warning("style_sampling=%s on a checkpoint trained with style_sampling=%s (%s)%s", new, old, changed,
+                        "; no style: pairs sampled with the null style (unconditional)"
+                        if int(given["style_sampling"]["num_images"]) == 0 else "")
+            cfg.style_sampling_trained = trained["style_sampling"]
+    return cfg
 
 
 # -- pairs -------------------------------------------------------------------------------------
@@ -111,40 +232,56 @@ class PairSource:
 
 # -- output folder -----------------------------------------------------------------------------
 def settings_of(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
-    """Everything that decides the pairs' content (not their number or the batch size)."""
+    """Everything that decides what a pair is (not their number, the batch size, or how a pair
+    is computed: ``batched_guidance``/``shared_trunk`` agree within 2/255; not the checkpoint's
+    path either, only its content)."""
     keys = ("seed", "sampler", "steps", "spacing", "cfg_scale", "rescale", "guidance_mode")
-    return {"checkpoint": str(checkpoint), "checkpoint_sha256": file_digest(checkpoint),
-            "data": OmegaConf.to_container(cfg.data.dataset, resolve=True), "patch_size": int(cfg.data.patch_size),
-            "style_sampling": OmegaConf.to_container(cfg.style_sampling, resolve=True),
-            **{k: OmegaConf.to_container(cfg, resolve=True)[k] for k in keys}}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    settings = {"checkpoint_sha256": sha256_of(checkpoint), "data": resolved["data"]["dataset"],
+                "data_augment": resolved["data"].get("augment"), "num_classes": resolved["data"]["num_classes"],
+                "patch_size": int(cfg.data.patch_size), "style_sampling": resolved["style_sampling"],
+                **{k: resolved[k] for k in keys}}
+    if cfg.get("style_sampling_trained") is not None:
+        settings["style_sampling_trained"] = resolved["style_sampling_trained"]
+    return settings
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is unreadable ({err}): the folder's settings are unknown; choose another "
+                         "+predict_dir, or pass overwrite=true to replace its pairs") from None
 
 
 def open_output(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Create or reuse ``folder`` and gather the pairs an earlier run finished into the manifest.
-    Never mixes two settings."""
+    Never mixes two settings: a refusal names each setting that differs."""
     folder.mkdir(parents=True, exist_ok=True)
     stored = folder / SETTINGS
     has_pairs = any(folder.glob("img_*.png")) or (folder / MANIFEST).is_file()
     if stored.is_file():
-        if json.loads(stored.read_text()) != settings and has_pairs:
+        try:
+            changed = differences(read_settings(stored), settings)
+        except ValueError:
             if not overwrite:
-                raise FileExistsError(f"{folder} holds pairs written with another checkpoint or other settings; "
-                                      "choose another +predict_dir, or pass overwrite=true to replace them")
-            log.warning("overwrite=true: replacing the pairs in %s", folder)
+                raise
+            changed = ["the settings file is unreadable"]
+        if changed and has_pairs:
+            if not overwrite:
+                raise FileExistsError(
+                    f"{folder} holds pairs written with other settings:\n  " + "\n  ".join(changed)
+                    + "\nchoose another +predict_dir, or pass overwrite=true to replace them")
+            log.warning("overwrite=true: replacing the pairs in %s (%s)", folder, "; ".join(changed))
             for path in [*folder.glob("*_*.png"), folder / MANIFEST, *folder.glob(RANK_MANIFEST.format("*"))]:
                 path.unlink(missing_ok=True)
-    elif any(folder.iterdir()) and not overwrite:
+    elif any(not is_temporary(p) for p in folder.iterdir()) and not overwrite:
         raise FileExistsError(f"{folder} is not empty and was not written by predict_diff.py; "
                               "choose another +predict_dir, or pass overwrite=true")
-    stored.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    remove_temporaries(folder)
+    write_text_atomic(json.dumps(settings, indent=1, sort_keys=True), stored)
+    repair_manifest(folder)
     merge_rank_manifests(folder)
-
-
-def append_manifest(path: Path, records: list[dict[str, Any]]) -> None:
-    with path.open("a") as fh:
-        fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def merge_rank_manifests(folder: Path) -> None:
@@ -198,25 +335,30 @@ def predict_pairs(cfg: DictConfig) -> Path:
     are shared out over the processes (rank ``r`` takes every ``world``-th), so the folder holds the
     same pairs whatever their number. Rank zero alone writes the settings and ``manifest.jsonl``
     (other ranks record theirs in ``manifest.rank<r>.jsonl``, merged into it at the end)."""
+    check_arguments(cfg)
+    path = resolve_checkpoint(cfg)
+    checkpoint = read_checkpoint(path, [str(t) for t in cfg.get("trusted_targets") or []])
+    cfg = resolve_choices(cfg, checkpoint, path)
+    model = load_model(checkpoint)
+    del checkpoint
+    check_sampler(cfg, model)
     ctx = prepare(cfg)
-    if not cfg.get("predict_dir"):
-        raise ValueError("no output folder: pass +predict_dir=NAME (pairs go to <data_dir>/syn_data/NAME)")
-    checkpoint = resolve_checkpoint(cfg)
     fabric = start_processes(cfg, ctx.devices)
     rank, world = fabric.global_rank, fabric.world_size
-    model = load_model(checkpoint).to(fabric.device)
-    with_style = model.style is not None
+    model = model.to(fabric.device)
     folder = Path(cfg.location.data_dir) / "syn_data" / str(cfg.predict_dir)
-    on_rank_zero_first(fabric, lambda: open_output(folder, settings_of(cfg, checkpoint), bool(cfg.overwrite)))
+    on_rank_zero_first(fabric, lambda: open_output(folder, settings_of(cfg, path), bool(cfg.overwrite)))
     done = read_manifest(folder)
-    source = PairSource(cfg, with_style)
+    source = PairSource(cfg, with_style=int(cfg.style_sampling.num_images) > 0)
+    null_style = model.style is not None and source.styles is None  # style_sampling=none, opted in
+    trained_images = int(cfg.style_sampling_trained.num_images) if null_style else 0
     total = int(cfg.num_pairs) if cfg.get("num_pairs") is not None else 2 * int(cfg.data.samples)
     todo = [i for i in range(total) if i not in done]
     mine = todo[rank::world]
     manifest = folder / (MANIFEST if rank == 0 else RANK_MANIFEST.format(rank))
     if rank == 0:
         log.info("%d pairs into %s: %d done, %d to go over %d process(es) (checkpoint %s)", total, folder,
-                 len(done), len(todo), world, checkpoint)
+                 len(done), len(todo), world, path)
     bf16 = resolve_precision(cfg.location).startswith("bf16")
     progress = tqdm(total=len(mine), unit="pair", desc="pairs", disable=not cfg.get("progress", True) or rank != 0)
     batch = int(cfg.batch_size)
@@ -224,7 +366,10 @@ def predict_pairs(cfg: DictConfig) -> Path:
         indices = mine[start:start + batch]
         inputs = [source(i) for i in indices]
         masks = torch.stack([x["mask"] for x in inputs])
-        styles = torch.stack([x["style"] for x in inputs]) if with_style else None
+        if null_style:
+            styles = null_style_like(torch.zeros(len(indices), trained_images, 3, *masks.shape[-2:]))
+        else:
+            styles = torch.stack([x["style"] for x in inputs]) if source.styles is not None else None
         with torch.autocast(fabric.device.type, dtype=torch.bfloat16, enabled=bf16):
             images = model.generate(masks, styles, seed=int(cfg.seed), indices=indices, sampler=cfg.sampler,
                                     steps=int(cfg.steps), spacing=cfg.spacing,
@@ -236,7 +381,7 @@ def predict_pairs(cfg: DictConfig) -> Path:
             write_png_atomic(image, folder / PAIR_IMAGE.format(i))
             write_png_atomic(x["mask"].numpy().astype("uint8"), folder / PAIR_MASK.format(i))
             records.append({"index": i, "seed": int(cfg.seed), "sampler": cfg.sampler, "steps": int(cfg.steps),
-                            "cfg_scale": float(cfg.cfg_scale), "checkpoint": str(checkpoint),
+                            "cfg_scale": float(cfg.cfg_scale), "checkpoint": str(path),
                             **{k: v for k, v in x.items() if k not in ("mask", "style")}})
         append_manifest(manifest, records)
         progress.update(len(indices))
