@@ -22,11 +22,32 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+#: ``STEDM_TEST_PRECISION=32-true|bf16-mixed|...`` forces ``location.precision`` in the tests
+#: marked ``e2e`` (their composed configs and the scripts they start), after the test's own
+#: overrides: a comparison then runs at that precision on both sides.
+PRECISION_ENV = "STEDM_TEST_PRECISION"
+_forced_precision: str | None = None
+
+
+def forced_precision() -> list[str]:
+    """``["location.precision=<forced>"]`` inside an e2e test run with ``STEDM_TEST_PRECISION``, else ``[]``."""
+    return [f"location.precision={_forced_precision}"] if _forced_precision else []
+
+
+@pytest.fixture(autouse=True)
+def _force_e2e_precision(request):
+    global _forced_precision
+    value = os.environ.get(PRECISION_ENV, "").strip()
+    _forced_precision = value if value and request.node.get_closest_marker("e2e") else None
+    yield
+    _forced_precision = None
+
+
 def compose_in(root: Path, config_name: str, overrides: list[str] | None = None):
     """The composed config ``config_name`` with data and results under ``root``."""
     base = [f"location.data_dir={root / 'data'}", f"location.result_dir={root / 'results'}"]
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        return compose(config_name, overrides=base + list(overrides or []))
+        return compose(config_name, overrides=base + list(overrides or []) + forced_precision())
 
 
 @pytest.fixture

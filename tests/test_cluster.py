@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import CONF_DIR, compose_in
+from conftest import CONF_DIR, compose_in, forced_precision
 from stedm.hydra_callbacks import check_jobs, plan_jobs
 from stedm.run import build_datamodule, prepare
 from stedm.tasks.predict import merge_rank_manifests, predict_pairs
@@ -30,13 +30,16 @@ from stedm.tasks.predict import merge_rank_manifests, predict_pairs
 ROOT = Path(__file__).resolve().parents[1]
 DDP = ["location.accelerator=cpu", "location.devices=2", "location.strategy=ddp"]
 TINY = ["preset=tiny", "data.patch_size=32", "trainer.enable_progress_bar=false"]
+# Runs whose numbers are compared: the same precision whatever the CPU (auto is bf16-mixed on CPUs
+# with AVX512-BF16 / AMX, 32-true elsewhere); STEDM_TEST_PRECISION replaces it on both sides.
+PINNED = ["location.precision=32-true"]
 
 
 def run_script(script: str, root: Path, *overrides: str, env: dict | None = None,
                expect_success: bool = True) -> subprocess.CompletedProcess:
     """The script as a user starts it (Lightning re-runs it for the other DDP ranks)."""
     command = [sys.executable, script, *overrides, f"location.data_dir={root / 'data'}",
-               f"location.result_dir={root / 'results'}"]
+               f"location.result_dir={root / 'results'}", *forced_precision()]
     done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if expect_success:
@@ -148,7 +151,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_directory_and_summarises(
 # -- DDP: every entry script with 2 processes ------------------------------------------------------
 @pytest.mark.e2e
 def test_train_diff_and_predict_diff_under_ddp(tmp_path):
-    train = [*TINY, "data.samples=16", "trainer.max_steps=4", "diffusion.sample_every_n_steps=2",
+    train = [*TINY, *PINNED, "data.samples=16", "trainer.max_steps=4", "diffusion.sample_every_n_steps=2",
              "model.sample_steps=2", "checkpoint.every_n_train_steps=2"]
     run_script("train_diff.py", tmp_path, *train, *DDP)
     cfg = compose_in(tmp_path, "train_diff", train)
@@ -160,7 +163,7 @@ def test_train_diff_and_predict_diff_under_ddp(tmp_path):
     run = Path(cfg.location.result_dir) / "runs" / "train_diff" / cfg.run_name
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
 
-    predict = [*TINY, "sampler=dpm_solver", "steps=3", "progress=false", f"+ckpt_name={cfg.run_name}",
+    predict = [*TINY, *PINNED, "sampler=dpm_solver", "steps=3", "progress=false", f"+ckpt_name={cfg.run_name}",
                "num_pairs=7", "batch_size=2"]
     run_script("predict_diff.py", tmp_path, *predict, "+predict_dir=two", *DDP)
     single = predict_pairs(compose_in(tmp_path, "predict_diff", [*predict, "+predict_dir=one"]))
@@ -186,19 +189,19 @@ def test_rank_manifests_of_a_killed_run_merge_into_the_one_manifest(tmp_path):
 
 @pytest.mark.e2e
 def test_train_seg_under_ddp_counts_every_test_unit_once(tmp_path):
-    overrides = [*TINY, "data.samples=16", "trainer.max_epochs=2"]
+    overrides = [*TINY, *PINNED, "data.samples=16", "trainer.max_epochs=2"]
     run_script("train_seg.py", tmp_path, *overrides, *DDP)
     cfg = compose_in(tmp_path, "train_seg", overrides)
     run = Path(cfg.location.result_dir) / "runs" / "train_seg" / cfg.run_name
     distributed = json.loads((run / "metrics_last.json").read_text())
     assert distributed["n_units"] == 4 and len(pd.read_csv(run / "per_case_last.csv")) == 4
     assert (run / "metrics_best.json").is_file()
-    # the same checkpoint tested by one process gives the same metrics
+    # the same checkpoint tested by one process, at the same precision, gives the same metrics
     ctx = prepare(cfg)
     model = instantiate(cfg.model, lr=1.0, output_dir=str(tmp_path / "single"))
     model.test_tag = "last"
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=ctx.precision, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
     trainer.test(model, datamodule=build_datamodule(cfg, ctx, with_style=False), weights_only=False,
                  ckpt_path=str(Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name / "last.ckpt"))
     single = json.loads((tmp_path / "single" / "metrics_last.json").read_text())

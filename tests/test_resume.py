@@ -1,5 +1,6 @@
-"""Kill-and-resume: a run killed mid-epoch after a mid-epoch last.ckpt and started again with the
-same command ends with the same step, weights, EMA and optimizer state as a run never stopped."""
+"""Kill-and-resume: a run killed (SIGKILL) or stopped (SIGTERM) after a mid-epoch or an epoch-end
+last.ckpt and started again with the same command ends with the same step, weights, EMA and
+optimizer state as a run never stopped."""
 
 from __future__ import annotations
 
@@ -15,14 +16,16 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_in
+from conftest import compose_in, forced_precision
 from stedm.data.datamodule import StedmDataModule
 from stedm.data.sampler import MixedEpochSampler
 from stedm.tasks.diffusion import train_diffusion
 from stedm.tasks.segmentation import train_segmentation
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["preset=tiny", "data.patch_size=32", "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2"]
+# location.precision pinned: the same numbers whatever the CPU (STEDM_TEST_PRECISION replaces it)
+COMMON = ["preset=tiny", "data.patch_size=32", "trainer.enable_progress_bar=false", "checkpoint.every_n_train_steps=2",
+          "location.precision=32-true"]
 # demo: batch 4, so 8 batches per epoch; 12 steps cross into the second epoch
 DIFFUSION = [*COMMON, "data.samples=32", "trainer.max_steps=12", "diffusion.sample_every_n_steps=0"]
 # 16 batches per epoch, two epochs with validation, then tests with the last and the best checkpoint
@@ -55,44 +58,44 @@ def test_sampler_state_after_a_finished_epoch_starts_the_next():
     assert len(mid) == 20 and list(mid) == share[8:]  # len() stays the epoch's: Lightning counts from it
 
 
-def run_script(script: str, root: Path, overrides: list[str], kill_after_first_checkpoint: bool = False) -> None:
+def run_script(script: str, root: Path, overrides: list[str], stop: int | None = None) -> subprocess.CompletedProcess:
+    """Run an entry script; with ``stop`` (a signal), send it once the run's first ``last.ckpt`` exists."""
     command = [sys.executable, script, *overrides, f"location.data_dir={root / 'data'}",
                f"location.result_dir={root / 'results'}"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if kill_after_first_checkpoint:
+    if stop is not None:
         checkpoints = root / "results" / "checkpoints"
         deadline = time.time() + 300
         while process.poll() is None and time.time() < deadline and not list(checkpoints.glob("*/last.ckpt")):
             time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(stop)
     _, stderr = process.communicate(timeout=300)
-    if not kill_after_first_checkpoint:
+    if stop is None:
         assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
 
 
 def last_checkpoint(cfg) -> dict:
     path = Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name / "last.ckpt"
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def assert_killed_mid_epoch(checkpoint: dict, batches_per_epoch: int, total_steps: int) -> None:
-    step = checkpoint["global_step"]
-    assert 0 < step < total_steps and step % batches_per_epoch, \
-        f"the run should have been killed mid-epoch after its first checkpoint (step {step})"
-
-
-def interrupt_and_resume(tmp_path: Path, script: str, overrides: list[str], train, batches_per_epoch: int,
-                         total_steps: int):
+def interrupt_and_resume(tmp_path: Path, script: str, overrides: list[str], train, steps_per_epoch: int,
+                         total_steps: int, boundary: str = "mid", stop: int = signal.SIGKILL):
     """(config of the interrupted run, config of the reference run): the reference trains
-    uninterrupted; the other is killed mid-epoch after its first checkpoint, then the same command
-    runs again (resume=auto) to the end."""
+    uninterrupted; the other is stopped by ``stop`` after its first checkpoint, which must lie
+    ``mid``-epoch or at an epoch ``end``, then the same command runs again (resume=auto) to the end."""
     reference_cfg = compose_in(tmp_path / "reference", script, overrides)
     train(reference_cfg)
     interrupted = tmp_path / "interrupted"
-    run_script(f"{script}.py", interrupted, overrides, kill_after_first_checkpoint=True)
+    stopped = run_script(f"{script}.py", interrupted, overrides, stop=stop)
+    if stop == signal.SIGTERM:  # a preempted or timed-out job must not look finished
+        assert stopped.returncode == 143, stopped.stderr[-3000:]
     cfg = compose_in(interrupted, script, overrides)
-    assert_killed_mid_epoch(last_checkpoint(cfg), batches_per_epoch, total_steps)
+    step = last_checkpoint(cfg)["global_step"]
+    assert 0 < step < total_steps and (step % steps_per_epoch == 0) == (boundary == "end"), \
+        f"the run should have been stopped after a checkpoint {boundary}-epoch (step {step})"
     run_script(f"{script}.py", interrupted, overrides)
     return cfg, reference_cfg
 
@@ -110,7 +113,7 @@ def assert_same_training_state(resumed: dict, reference: dict) -> None:
 @pytest.mark.e2e
 def test_train_diff_resumes_exactly_with_its_ema(tmp_path):
     cfg, reference_cfg = interrupt_and_resume(tmp_path, "train_diff", DIFFUSION, train_diffusion,
-                                              batches_per_epoch=8, total_steps=12)
+                                              steps_per_epoch=8, total_steps=12)
     resumed, reference = last_checkpoint(cfg), last_checkpoint(reference_cfg)
     assert_same_training_state(resumed, reference)
     assert resumed["ema"]["optimization_step"] == reference["ema"]["optimization_step"] == 12
@@ -119,11 +122,49 @@ def test_train_diff_resumes_exactly_with_its_ema(tmp_path):
 
 
 @pytest.mark.e2e
-def test_train_seg_resumes_exactly_and_tests_the_same(tmp_path):
-    cfg, reference_cfg = interrupt_and_resume(tmp_path, "train_seg", SEGMENTATION, train_segmentation,
-                                              batches_per_epoch=16, total_steps=32)
-    assert_same_training_state(last_checkpoint(cfg), last_checkpoint(reference_cfg))
+def test_train_diff_resumes_exactly_from_an_epoch_end_with_max_steps_and_accumulation(tmp_path):
+    """Lightning's fit loop, with max_steps set, restarts a finished epoch from an epoch-end
+    checkpoint (one extra batch); our checkpoints record the epoch boundary instead."""
+    overrides = [*COMMON, "data.samples=32", "trainer.max_steps=6", "trainer.accumulate_grad_batches=2",
+                 "checkpoint.every_n_train_steps=null", "diffusion.sample_every_n_steps=0"]
+    cfg, reference_cfg = interrupt_and_resume(tmp_path, "train_diff", overrides, train_diffusion,
+                                              steps_per_epoch=4, total_steps=6, boundary="end")
+    resumed, reference = last_checkpoint(cfg), last_checkpoint(reference_cfg)
+    assert_same_training_state(resumed, reference)
+    assert resumed["epoch"] == reference["epoch"]
+    for own, ref in zip(resumed["ema"]["shadow_params"], reference["ema"]["shadow_params"], strict=True):
+        assert torch.equal(own, ref)
+
+
+def assert_same_test_metrics(cfg, reference_cfg) -> None:
     for tag in ("last", "best"):
         runs = [Path(c.location.result_dir) / "runs" / "train_seg" / c.run_name for c in (cfg, reference_cfg)]
         assert json.loads((runs[0] / f"metrics_{tag}.json").read_text()) == \
             json.loads((runs[1] / f"metrics_{tag}.json").read_text())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "sigterm"])
+def test_train_seg_resumes_exactly_and_tests_the_same(tmp_path, stop):
+    cfg, reference_cfg = interrupt_and_resume(tmp_path, "train_seg", SEGMENTATION, train_segmentation,
+                                              steps_per_epoch=16, total_steps=32, stop=stop)
+    assert_same_training_state(last_checkpoint(cfg), last_checkpoint(reference_cfg))
+    assert_same_test_metrics(cfg, reference_cfg)
+
+
+@pytest.mark.e2e
+def test_train_seg_resumes_exactly_from_an_epoch_end_and_keeps_its_log(tmp_path):
+    """max_steps and max_epochs both set, killed after the first epoch's checkpoint: the same
+    weights and test metrics, and metrics.csv holds the rows of both attempts."""
+    import pandas as pd
+
+    overrides = [*COMMON, "data.samples=64", "trainer.max_epochs=2", "trainer.max_steps=32",
+                 "checkpoint.every_n_train_steps=null"]
+    cfg, reference_cfg = interrupt_and_resume(tmp_path, "train_seg", overrides, train_segmentation,
+                                              steps_per_epoch=16, total_steps=32, boundary="end")
+    assert_same_training_state(last_checkpoint(cfg), last_checkpoint(reference_cfg))
+    assert_same_test_metrics(cfg, reference_cfg)
+    log = pd.read_csv(Path(cfg.location.result_dir) / "runs" / "train_seg" / cfg.run_name / "logs" / "metrics.csv")
+    assert set(log["attempt"]) == {1, 2}
+    first = log[log["attempt"] == 1]
+    assert first["train/loss_step"].notna().any() and first["step"].max() >= 15
