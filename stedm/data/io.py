@@ -13,15 +13,65 @@ from PIL import Image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 ``H x W x 3``; grey and RGBA inputs are converted."""
+def read_image(path: str | Path, intensity_range: Sequence[float] | None = None) -> np.ndarray:
+    """RGB uint8 ``H x W x 3``; grey and RGBA inputs are converted.
+
+    Pixels of more than 8 bits (16-bit PNG or TIFF, 32-bit integer, float) are scaled linearly
+    to 0..255: from ``intensity_range = (lo, hi)`` when given (``lo`` -> 0, ``hi`` -> 255, clipped;
+    applied to 8-bit files too), else by the bit depth (16-bit: 0..65535). Float pixels need
+    ``intensity_range``.
+    """
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
+        array = _read_pixels(Path(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except Exception as err:  # PIL raises several types for broken files
         raise ValueError(f"cannot read image {path}: {err}") from err
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"image {path} has pixel array shape {array.shape}; expected H x W grey, RGB or RGBA")
+    return to_uint8(array[..., :3], intensity_range, str(path))
+
+
+def _read_pixels(path: Path) -> np.ndarray:
+    """The file's pixels in their own type (8-bit files in any PIL mode come as RGB)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                if page.dtype is not None and page.dtype != np.uint8:  # PIL would cut these to 8 bits
+                    array = page.asarray()
+                    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+                        array = np.moveaxis(array, 0, -1)  # planar
+                    return array
+        except tifffile.TiffFileError:
+            pass  # not a TIFF after all: let PIL say what it is
+    with Image.open(path) as im:
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            return np.array(im)
+        return np.array(im.convert("RGB"))  # a writable copy
+
+
+def to_uint8(array: np.ndarray, intensity_range: Sequence[float] | None, where: str) -> np.ndarray:
+    """Scale pixels to uint8 by ``intensity_range`` or the bit depth (see :func:`read_image`)."""
+    if intensity_range is None:
+        if array.dtype == np.uint8:
+            return np.ascontiguousarray(array)
+        if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 65535:
+            intensity_range = (0, 65535)
+        else:
+            raise ValueError(
+                f"image {where} has {array.dtype} pixels in {array.min():g}..{array.max():g}, beyond 16 bits; "
+                "give the range that maps to 0..255 as intensity_range=[lo, hi] "
+                "(folder data: data.intensity_range=[lo,hi])")
+    lo, hi = (float(v) for v in intensity_range)
+    scaled = (array.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
