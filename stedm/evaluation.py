@@ -62,11 +62,14 @@ def window_weight(window: int, weighting: str, device: torch.device | None = Non
     raise ValueError(f"weighting must be 'uniform' or 'gaussian', got '{weighting}'")
 
 
-def check_window(window: int, overlap: int, margin: int = 0) -> None:
-    """Refuse a sliding-window geometry that cannot tile an image."""
+def check_window(window: int, overlap: int, margin: int = 0,
+                 names: tuple[str, str, str] = ("window", "overlap", "margin")) -> None:
+    """Refuse a sliding-window geometry that cannot tile an image; ``names`` are what the message
+    calls window, overlap and margin (the config keys a user sets, e.g. ``data.eval_overlap``)."""
+    w, o, m = names
     if window <= 0 or not 0 <= overlap < window or margin < 0:
-        raise ValueError(f"sliding window needs window > 0, 0 <= overlap < window and margin >= 0; "
-                         f"got window={window}, overlap={overlap}, margin={margin}")
+        raise ValueError(f"sliding window needs {w} > 0, 0 <= {o} < {w} and {m} >= 0; got {w}={window}, "
+                         f"{o}={overlap}, {m}={margin}: set {o} below {w} (or {w} above {o})")
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:

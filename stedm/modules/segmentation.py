@@ -18,8 +18,12 @@ import torch
 from torch import nn
 
 from stedm.data.contract import IGNORE_INDEX
-from stedm.evaluation import Evaluator
+from stedm.evaluation import Evaluator, check_window
 from stedm.losses.segmentation import crop_border
+
+WINDOW_KEYS = ("data.patch_size", "data.eval_overlap", "data.border_crop")
+"""The config keys the Segmenter's ``window``, ``overlap`` and ``border_crop`` come from
+(conf/train_seg.yaml, conf/finetune_ssl.yaml), named when their geometry is refused."""
 
 
 class Segmenter(pl.LightningModule):
@@ -80,6 +84,7 @@ class Segmenter(pl.LightningModule):
             raise ValueError(f"binary=True segments background vs. foreground: num_classes must be 2, got {num_classes}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got '{scheduler_interval}'")
+        check_window(window, overlap, border_crop, names=WINDOW_KEYS)  # at construction, before training
         self.save_hyperparameters(ignore=["net", "loss"], logger=False)
         self.net = net
         self.loss = loss
