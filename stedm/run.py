@@ -242,4 +242,5 @@ def build_datamodule(cfg: DictConfig, ctx: RunContext, eval_splits=("val", "test
     sampler = instantiate(cfg.style_sampling.sampler) if with_style and "style_sampling" in cfg else None
     return StedmDataModule(cfg.data, batch_size=ctx.batch_size, num_workers=ctx.num_workers, seed=int(cfg.seed),
                            style_sampler=sampler, eval_splits=eval_splits,
-                           pin_memory=uses_cuda(cfg.location))
+                           pin_memory=uses_cuda(cfg.location), cache_dir=Path(cfg.location.result_dir) / "cache",
+                           batch_mul=cfg.location.batch_mul)

@@ -8,6 +8,7 @@ joint image/mask augmentation, style images from the active style sampler, range
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from stedm.data.contract import IGNORE_INDEX, image_to_tensor, mask_to_tensor
+from stedm.data.io import read_image
 from stedm.data.transforms import seed_transform
 
 SPLITS = ("train", "val", "test")
@@ -80,6 +82,15 @@ class SegmentationDataset(Dataset):
     def cases(self) -> list[str]:
         """Case id of every item (used for statistics and per-case metrics)."""
         return [self.load(i).case for i in range(len(self))]
+
+    def files(self) -> list[Path]:
+        """Every file :meth:`load` reads, for the one full read before training
+        (:mod:`stedm.data.verify`); none by default (embedded data, whole slides read patch by patch)."""
+        return []
+
+    def read_file(self, path: Path) -> None:
+        """Read one of :meth:`files` in full; raise, naming it, if it is broken."""
+        read_image(path)
 
     # -- shared -------------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -8,12 +8,16 @@ resumes exactly from a checkpoint (:meth:`StedmDataModule.state_dict`); validati
 use the first entry with ``split=val`` / ``split=test``, unaugmented and whole (the evaluator
 slides a window over them). Every dataset is built, and its first item
 checked against the sample contract, when the DataModule is created, so configuration
-mistakes surface before any training starts.
+mistakes surface before any training starts: so are counts that are not positive, an epoch
+too short to fill one batch (:func:`check_epoch`; again per process once the trainer is known)
+and files that cannot be read in full (:func:`stedm.data.verify.verify_files`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,9 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from stedm.data.contract import check_sample
-from stedm.data.sampler import MixedEpochSampler, epoch_counts
+from stedm.data.sampler import MixedEpochSampler, epoch_counts, items_per_process
 from stedm.data.style import StyleSampler, check_compatible
 from stedm.data.transforms import train_transform
+from stedm.data.verify import verify_files
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,6 +60,41 @@ def entry_ratios(data: DictConfig) -> list[float]:
     if any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise ValueError(f"data.ratios={ratios} must be non-negative with a positive sum")
     return [float(r) for r in ratios]
+
+
+def check_counts(data: DictConfig, batch_size: int, batch_mul: int | None = None) -> None:
+    """Refuse counts that are not positive, naming the key (``batch_mul``: ``location.batch_mul``,
+    when the caller knows it), and entries whose ratio gives them no item per epoch."""
+    values = {"data.samples": data.samples, "data.patch_size": data.patch_size,
+              "data.batch_base": data.get("batch_base"), "location.batch_mul": batch_mul}
+    for key, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or value <= 0 or value != int(value)):
+            raise ValueError(f"{key}={value} must be a positive whole number")
+    if batch_size <= 0:
+        raise ValueError(f"the batch size (data.batch_base x location.batch_mul) is {batch_size}; "
+                         "it must be positive")
+    ratios = entry_ratios(data)
+    for name, ratio, count in zip(data.dataset.keys(), ratios, epoch_counts(int(data.samples), ratios)):
+        if ratio > 0 and count == 0:
+            raise ValueError(f"entry '{name}' has ratio {ratio} in data.ratios, but int(data.samples={data.samples} "
+                             f"x {ratio}) = 0 items per epoch; raise data.samples to at least "
+                             f"{math.ceil(1 / ratio)}, raise its ratio, or give it ratio 0 to leave it out")
+
+
+def check_epoch(data: DictConfig, batch_size: int, world_size: int = 1) -> None:
+    """Refuse an epoch whose share per process cannot fill one batch: the training loader drops
+    incomplete batches, so the run would train nothing (and exit as if it had)."""
+    ratios = entry_ratios(data)
+    counts = epoch_counts(int(data.samples), ratios)
+    share = items_per_process(counts, world_size)
+    if share < batch_size:
+        over = f" shared by {world_size} processes = {share} per process" if world_size > 1 else ""
+        raise ValueError(
+            f"data.samples={data.samples} x data.ratios={ratios} gives {sum(counts)} training items per epoch"
+            f"{over}, fewer than one batch of {batch_size} (data.batch_base x location.batch_mul); incomplete "
+            "batches are dropped, so nothing would be trained: raise data.samples or lower data.batch_base "
+            "or location.batch_mul")
 
 
 def build_dataset(data: DictConfig, name: str, split: str, transform=None, style_sampler=None) -> Dataset:
@@ -103,8 +143,12 @@ class StedmDataModule(pl.LightningDataModule):
 
     def __init__(self, data: DictConfig, batch_size: int, num_workers: int = 0, seed: int = 0,
                  style_sampler: StyleSampler | None = None, eval_splits: Sequence[str] = ("val", "test"),
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, cache_dir: str | Path | None = None, batch_mul: int | None = None) -> None:
+        """``cache_dir`` remembers the files already read in full (:mod:`stedm.data.verify`);
+        ``batch_mul`` is ``location.batch_mul``, named when it is not positive."""
         super().__init__()
+        check_counts(data, int(batch_size), batch_mul)
+        check_epoch(data, int(batch_size))
         self.data = data
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
@@ -117,6 +161,7 @@ class StedmDataModule(pl.LightningDataModule):
         transform = train_transform(int(data.patch_size), **augment)
         self.train_sets = [build_dataset(data, n, "train", transform, style_sampler) for n in self.names]
         self.eval_sets = {s: build_dataset(data, self.names[0], s) for s in eval_splits}
+        verify_files([*self.train_sets, *self.eval_sets.values()], cache_dir)
         self.sampler: MixedEpochSampler | None = None
         self._pending_state: dict | None = None
 
@@ -129,6 +174,10 @@ class StedmDataModule(pl.LightningDataModule):
         if self.trainer is None:
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # now the number of processes is known
+            check_epoch(self.data, self.batch_size, self._rank_world()[1])
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -98,3 +98,7 @@ class FlowersDataset(SegmentationDataset):
 
     def cases(self) -> list[str]:
         return [f"image_{i:05d}" for i in self.ids]
+
+    def files(self) -> list[Path]:
+        images = [self.root / "imgs" / f"image_{i:05d}.jpg" for i in self.ids]
+        return images + ([self.root / "segs" / f"segmim_{i:05d}.jpg" for i in self.ids] if self.labelled else [])

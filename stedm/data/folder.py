@@ -177,6 +177,10 @@ class FolderDataset(SegmentationDataset):
     def cases(self) -> list[str]:
         return [case for _, case in self.items]
 
+    def files(self) -> list[Path]:
+        return [f for f, _ in self.items] + (list(self.mask_files) if self.labelled else []) + \
+            list(self.instance_files or [])
+
 
 def beside(value: str | bool | None, default: Path, key: str, name: str, folder: bool = False) -> Path | None:
     """The file or folder of an optional input: ``value`` when set, none when ``false``, else

@@ -122,3 +122,9 @@ class MoNuSegDataset(OfficialSplitDataset):
 
     def read_instances(self, item: ImageItem, shape: tuple[int, int]) -> np.ndarray:
         return rasterise_instances(read_xml_polygons(item.annotation_path), shape)
+
+    def read_file(self, path: Path) -> None:
+        if path.suffix.lower() == ".xml":
+            read_xml_polygons(path)
+        else:
+            read_tiff_rgb(path)

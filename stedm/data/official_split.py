@@ -133,6 +133,10 @@ class OfficialSplitDataset(SegmentationDataset):
     def cases(self) -> list[str]:
         return [item.name for item in self.items]
 
+    def files(self) -> list[Path]:
+        return [p for item in self.items
+                for p in ((item.image_path, item.annotation_path) if self.labelled else (item.image_path,))]
+
     def load(self, index: int) -> Record:
         item = self.items[index]
         image = self.read_image(item)

@@ -33,6 +33,11 @@ def epoch_counts(samples: int, ratios: Sequence[float]) -> list[int]:
     return [int(samples * r) for r in ratios]
 
 
+def items_per_process(counts: Sequence[int], world_size: int) -> int:
+    """Items of one process's share of an epoch: the epoch cut to a multiple of the world size."""
+    return sum(counts) // world_size
+
+
 class MixedEpochSampler(Sampler):
     def __init__(self, sizes: Sequence[int], ratios: Sequence[float], samples: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, item_seeds: bool = False) -> None:
@@ -69,7 +74,7 @@ class MixedEpochSampler(Sampler):
         return self._epoch_draws(epoch)[0]
 
     def share_length(self) -> int:
-        return sum(self.counts) // self.world_size
+        return items_per_process(self.counts, self.world_size)
 
     def __len__(self) -> int:
         return self.share_length()
