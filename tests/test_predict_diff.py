@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import compose_in
-from stedm.data.synthetic import SyntheticPairs
+from stedm.data.synthetic import SyntheticPairs, read_manifest
 from stedm.tasks.diffusion import train_diffusion
 from stedm.tasks.predict import PairSource, predict_pairs
 
@@ -103,3 +104,47 @@ def test_killed_run_restarts_to_the_uninterrupted_result(trained):
     _, folder = predict(root, run, "+predict_dir=killed", "num_pairs=6", "batch_size=2")
     assert pair_files(folder) == pair_files(reference)
     assert len((folder / "manifest.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("bad,key", [("num_pairs=-3", "num_pairs=-3"), ("num_pairs=0", "num_pairs=0"),
+                                     ("steps=0", "steps=0"), ("batch_size=0", "batch_size=0"),
+                                     ("cfg_scale=-1.0", "cfg_scale=-1.0"), ("rescale=2.0", "rescale=2.0"),
+                                     ("sampler=euler", "sampler=euler"),
+                                     ("sampler=ddim", "sampler=ddim steps=3 spacing=None")])  # paper spacing: no
+def test_impossible_settings_are_refused_before_any_folder(trained, bad, key):
+    root, run = trained
+    with pytest.raises(ValueError, match=f"^{re.escape(key)}"):
+        predict(root, run, "+predict_dir=never", bad)
+    assert not (root / "data" / "syn_data" / "never").exists()
+
+
+@pytest.mark.parametrize("given,trained_with", [("style_agg=max", "style_agg=mean"), ("preset=paper", "preset=tiny"),
+                                                ("diffusion=paper", "diffusion=tiny")])
+def test_model_choices_contradicting_the_checkpoint_are_refused(trained, given, trained_with):
+    root, run = trained
+    with pytest.raises(ValueError, match=rf"^{re.escape(given)}: .*trained with {re.escape(trained_with)}"):
+        predict(root, run, "+predict_dir=contradiction", given)
+    assert not (root / "data" / "syn_data" / "contradiction").exists()
+
+
+def test_choices_equal_to_the_checkpoint_are_accepted(trained):
+    root, run = trained  # as the seed predict command passes them
+    _, folder = predict(root, run, "+predict_dir=same", "num_pairs=1", "style_agg=mean", "diffusion=tiny",
+                        "diffusion.sample_every_n_steps=0", "style_sampling=augmented")
+    assert sorted(read_manifest(folder)) == [0]
+
+
+def test_other_style_sampling_needs_opt_in_and_is_recorded(trained):
+    root, run = trained
+    for other in ("style_sampling=mp", "style_sampling=none"):
+        with pytest.raises(ValueError, match=rf"^{other}: .*trained with style_sampling=augmented.*"
+                                             "allow_style_sampling_change=true"):
+            predict(root, run, "+predict_dir=styles", other)
+    _, folder = predict(root, run, "+predict_dir=styles", "num_pairs=2", "style_sampling=none",
+                        "allow_style_sampling_change=true")
+    settings = json.loads((folder / ".stedm_settings.json").read_text())
+    assert settings["style_sampling"]["name"] == "none" and settings["style_sampling_trained"]["name"] == "augmented"
+    records = read_manifest(folder)
+    assert sorted(records) == [0, 1] and "style_case" not in records[0]  # no style images drawn
+    _, default = predict(root, run, "+predict_dir=styles_default", "num_pairs=2")
+    assert pair_files(folder).keys() == pair_files(default).keys() and pair_files(folder) != pair_files(default)
