@@ -78,6 +78,8 @@ def test_lightning_pretraining_writes_weights_that_fine_tuning_loads(tmp_path):
     assert all(torch.equal(state[k], ema[k]) for k in state)
     assert any(not torch.equal(state[k], initial[k]) for k in state)  # it trained
     assert any(not torch.equal(state[k], module.net.state_dict()[k]) for k in state)  # EMA, not raw weights
+    _, live = load_pretrained_unet(tmp_path / "run" / PRETRAINED_FILENAME, "live")  # and the live ones too
+    assert live.keys() == state.keys() and all(torch.equal(live[k], v) for k, v in module.net.state_dict().items())
 
     segmenter = build_ssl_segmenter(2, preset="tiny", pretrained_path=tmp_path / "run" / PRETRAINED_FILENAME)
     missing = segmenter.unet.load_backbone(state)

@@ -36,3 +36,21 @@ def test_pretrain_then_finetune_and_the_scratch_baseline(compose_cfg):
         metrics = json.loads((Path(run.location.result_dir) / "runs" / "finetune_ssl" / run.run_name /
                               "metrics_last.json").read_text())
         assert 0 <= metrics["dice_fg"] <= 1 and "hd95" in metrics and "aji" in metrics
+
+
+def test_finetune_chooses_the_exported_weight_set_and_its_run_name_says_which(compose_cfg, tmp_path):
+    from stedm.models.ssl_unet import build_ssl_unet, save_pretrained_unet
+
+    torch.manual_seed(0)
+    ema, live = build_ssl_unet("tiny"), build_ssl_unet("tiny")
+    weights = tmp_path / "pretrained_unet.pt"
+    save_pretrained_unet(weights, ema.config, ema.state_dict(), live=live.state_dict())
+    names = set()
+    for choice, source in ((None, ema), ("ema", ema), ("live", live)):
+        cfg = compose_cfg("finetune_ssl", [*TINY, f"pretrained={weights}",
+                                           *([f"pretrained_weights={choice}"] if choice else [])])
+        assert f"-pretrained_{choice or 'ema'}-" in cfg.run_name
+        names.add(cfg.run_name)
+        net = instantiate(cfg.model.net).unet.state_dict()
+        assert all(torch.equal(net[k], v) for k, v in source.state_dict().items() if not k.startswith("head."))
+    assert len(names) == 2  # ema (the default) and live: two runs, never one continuing the other

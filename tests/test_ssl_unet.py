@@ -10,10 +10,12 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from stedm.models.ssl_unet import (
+    LEGACY_FORMAT,
     LinearAttention,
     SSLSegmentationNet,
     build_ssl_segmenter,
     build_ssl_unet,
+    load_pretrained_unet,
     save_pretrained_unet,
 )
 
@@ -129,9 +131,59 @@ def test_build_ssl_segmenter_from_file_and_from_scratch(tmp_path):
 def test_build_ssl_segmenter_refuses_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="not both and not neither"):
         build_ssl_segmenter(2, preset="tiny")
-    with pytest.raises(FileNotFoundError, match="pretrain_ssl.py"):
-        build_ssl_segmenter(2, preset="tiny", pretrained_path=tmp_path / "missing.pt")
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError, match=f"pretrained={missing}: no such file.*pretrain_ssl.py"):
+        build_ssl_segmenter(2, preset="tiny", pretrained_path=missing)
     other = build_ssl_unet("tiny", dim=8)
     save_pretrained_unet(tmp_path / "other.pt", other.config, other.state_dict())
-    with pytest.raises(ValueError, match="different architecture"):
+    with pytest.raises(ValueError, match="pretrained=.*other.pt was pretrained with a different architecture"):
         build_ssl_segmenter(2, preset="tiny", pretrained_path=tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="pretrained_weights=best is unknown; choose one of ema, live"):
+        build_ssl_segmenter(2, preset="tiny", from_scratch=True, pretrained_weights="best")
+
+
+def test_files_that_are_not_an_export_name_the_pretrained_key_the_file_and_what_is_expected(tmp_path):
+    """Issue 14: a text file gave IndexError('pop from empty list'), a training checkpoint torch's
+    raw weights-only message, and both named pretrained_path, which no user types."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights\n")
+    from omegaconf import OmegaConf
+
+    trained = tmp_path / "last.ckpt"  # as a train_diff checkpoint: Lightning keys and a config object
+    torch.save({"pytorch-lightning_version": "2.5", "state_dict": {"w": torch.zeros(1)},
+                "hyper_parameters": OmegaConf.create({"lr": 1.0})}, trained)
+    plain = tmp_path / "plain.ckpt"  # a checkpoint that weights_only reads, but no export
+    torch.save({"pytorch-lightning_version": "2.5", "state_dict": {"w": torch.zeros(1)}}, plain)
+    expected = "expected the pretrained_unet.pt that pretrain_ssl.py writes into its run directory"
+    for path, what in ((text, "is not a pretrained SSL U-Net file"), (trained, "is not a pretrained SSL U-Net file"),
+                       (plain, "is a Lightning training checkpoint")):
+        with pytest.raises(ValueError) as raised:
+            build_ssl_segmenter(2, preset="tiny", pretrained_path=path)
+        message = str(raised.value)
+        assert message.startswith(f"pretrained={path} {what}") and expected in message, message
+        assert "pretrained_path" not in message
+
+
+def test_export_holds_ema_and_live_weights_and_fine_tuning_chooses(tmp_path, caplog):
+    torch.manual_seed(0)
+    ema, live = build_ssl_unet("tiny"), build_ssl_unet("tiny")
+    path = tmp_path / "pretrained_unet.pt"
+    save_pretrained_unet(path, ema.config, ema.state_dict(), live=live.state_dict())
+    for name, source in (("ema", ema), ("live", live)):
+        config, state = load_pretrained_unet(path, name)
+        assert config == source.config and all(torch.equal(state[k], v) for k, v in source.state_dict().items())
+        chosen = build_ssl_segmenter(2, preset="tiny", pretrained_path=path, pretrained_weights=name).unet.state_dict()
+        assert all(torch.equal(chosen[k], v) for k, v in source.state_dict().items() if not k.startswith("head."))
+    assert build_ssl_segmenter(2, preset="tiny", pretrained_path=path).unet.mid_res1.conv1.weight.equal(
+        ema.mid_res1.conv1.weight)  # ema by default
+    assert not ema.mid_res1.conv1.weight.equal(live.mid_res1.conv1.weight)
+
+    # an older export: one state_dict (the EMA) under the old format reads as before, with a log line
+    old = tmp_path / "old_pretrained_unet.pt"
+    torch.save({"format": LEGACY_FORMAT, "config": ema.config, "state_dict": ema.state_dict()}, old)
+    with caplog.at_level("INFO", logger="stedm.models.ssl_unet"):
+        _, state = load_pretrained_unet(old)
+    assert all(torch.equal(state[k], v) for k, v in ema.state_dict().items())
+    assert f"pretrained={old} holds one weight set (ema, an older export)" in caplog.text
+    with pytest.raises(ValueError, match="holds only the ema weights.*use pretrained_weights=ema"):
+        build_ssl_segmenter(2, preset="tiny", pretrained_path=old, pretrained_weights="live")

@@ -16,9 +16,9 @@ Architecture of the original "DiffusionNet(dim=64)" (31.27 M parameters with the
 
 The full attention and the time embedding are diffusers blocks; the res block (conv -> norm ->
 act order, time added between the two halves) and the linear attention have no diffusers
-equivalent and are written here. The file written at the end of pretraining (the EMA denoiser
-plus the constructor arguments that rebuild it) is read and written only by
-:func:`save_pretrained_unet` / :func:`load_pretrained_unet`.
+equivalent and are written here. The file written by pretraining (the constructor arguments
+that rebuild the denoiser, and two weight sets: its EMA and its live weights) is read and
+written only by :func:`save_pretrained_unet` / :func:`load_pretrained_unet`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"dim": 16, "dim_mults": (1, 2, 4), "attn_heads": 2, "attn_head_dim": 8},
 }
 
-PRETRAINED_FORMAT = "stedm.ssl_unet/1"
+PRETRAINED_FORMAT = "stedm.ssl_unet/2"  # config + {"ema": ..., "live": ...}
+LEGACY_FORMAT = "stedm.ssl_unet/1"  # config + one state_dict (the EMA)
 
 
 #: How the full attention computes: ``sdpa`` (torch's fused ``scaled_dot_product_attention``,
@@ -284,27 +285,59 @@ def build_ssl_unet(preset: str = "default", **overrides: Any) -> SSLUNet:
     return SSLUNet(**{**PRESETS[preset], **overrides})
 
 
-def save_pretrained_unet(path: str | Path, config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> None:
-    """Write the pretrained denoiser (constructor ``config`` + weights) atomically to ``path``."""
+#: The weight sets a pretraining export holds: the EMA of the weights (what the original fine-tuned)
+#: and the live (last optimizer step) weights; ``pretrained_weights`` chooses one at fine-tuning.
+WEIGHT_SETS = ("ema", "live")
+EXPECTED_FILE = ("the pretrained_unet.pt that pretrain_ssl.py writes into its run directory "
+                 "(<location.result_dir>/runs/pretrain_ssl/<run_name>/pretrained_unet.pt)")
+
+
+def save_pretrained_unet(path: str | Path, config: dict[str, Any], ema: dict[str, torch.Tensor],
+                         live: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the pretrained denoiser atomically to ``path``: constructor ``config`` and its weight
+    sets, the ``ema`` weights and (if given) the ``live`` ones."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    cpu_state = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-    torch.save({"format": PRETRAINED_FORMAT, "config": dict(config), "state_dict": cpu_state}, tmp)
+    sets = {"ema": ema} if live is None else {"ema": ema, "live": live}
+    weights = {name: {k: v.detach().to("cpu", copy=True) for k, v in state.items()} for name, state in sets.items()}
+    torch.save({"format": PRETRAINED_FORMAT, "config": dict(config), "weights": weights}, tmp)
     tmp.replace(path)
 
 
-def load_pretrained_unet(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a file written by :func:`save_pretrained_unet`: ``(config, state_dict)``."""
-    path = Path(path)
+def _read_export(path: Path) -> dict[str, Any]:
+    """The file's payload, or an error that names the ``pretrained`` key, the file and what it should be."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained SSL U-Net '{path}' not found; run the SSL pretraining (pretrain_ssl.py), which writes "
-            "pretrained_unet.pt into its run directory, and point pretrained_path at it")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != PRETRAINED_FORMAT:
-        raise ValueError(f"'{path}' is not a pretrained SSL U-Net file (expected format '{PRETRAINED_FORMAT}')")
-    return payload["config"], payload["state_dict"]
+        raise FileNotFoundError(f"pretrained={path}: no such file; expected {EXPECTED_FILE}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # text, a truncated file, a training checkpoint holding more than tensors, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"pretrained={path} is not a pretrained SSL U-Net file (torch.load: {reason[:200]}); "
+                         f"expected {EXPECTED_FILE}") from error
+    if not isinstance(payload, dict) or payload.get("format") not in (PRETRAINED_FORMAT, LEGACY_FORMAT):
+        what = "a Lightning training checkpoint" if isinstance(payload, dict) and "pytorch-lightning_version" in payload \
+            else "not a pretrained SSL U-Net file"
+        raise ValueError(f"pretrained={path} is {what} (no format '{PRETRAINED_FORMAT}'); expected {EXPECTED_FILE}")
+    return payload
+
+
+def load_pretrained_unet(path: str | Path, weights: str = "ema") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a file written by :func:`save_pretrained_unet`: ``(config, state_dict)`` of the
+    ``weights`` set (``ema`` or ``live``). A file holding one set only (exports before the live
+    weights were added hold the EMA) gives its EMA weights, with a log line; ``live`` is refused there."""
+    if weights not in WEIGHT_SETS:
+        raise ValueError(f"pretrained_weights={weights} is unknown; choose one of {', '.join(WEIGHT_SETS)}")
+    path = Path(path)
+    payload = _read_export(path)
+    sets = payload["weights"] if "weights" in payload else {"ema": payload["state_dict"]}
+    if weights not in sets:
+        raise ValueError(f"pretrained={path} holds only the {', '.join(sets)} weights (an export written before "
+                         f"pretraining saved both); use pretrained_weights=ema, or export again from the "
+                         f"pretraining run's last.ckpt")
+    if len(sets) == 1:
+        log.info("pretrained=%s holds one weight set (%s, an older export); using it", path, weights)
+    return payload["config"], sets[weights]
 
 
 class SSLSegmentationNet(nn.Module):
@@ -332,27 +365,32 @@ def build_ssl_segmenter(
     preset: str = "default",
     pretrained_path: str | Path | None = None,
     from_scratch: bool = False,
+    pretrained_weights: str = "ema",
     **overrides: Any,
 ) -> SSLSegmentationNet:
     """The fine-tuning network: pretrained backbone (every weight but the head) + new head.
 
     Give either ``pretrained_path`` (a ``pretrained_unet.pt`` written by the SSL pretrainer; its
     architecture must equal ``preset`` + ``overrides``) or ``from_scratch=True`` (the random-init
-    baseline, otherwise identical).
+    baseline, otherwise identical). ``pretrained_weights`` picks the file's ``ema`` (default) or
+    ``live`` weights. Errors name the CLI keys of finetune_ssl.py (``pretrained``, ``from_scratch``,
+    ``pretrained_weights``).
     """
     if (pretrained_path is None) == (not from_scratch):
-        raise ValueError("build_ssl_segmenter: give pretrained_path (SSL-pretrained) or from_scratch=True "
-                         "(random-init baseline), not both and not neither")
+        raise ValueError("finetune_ssl: give pretrained=RUN_DIR/pretrained_unet.pt (SSL-pretrained) or "
+                         "from_scratch=true (random-init baseline), not both and not neither")
+    if pretrained_weights not in WEIGHT_SETS:
+        raise ValueError(f"pretrained_weights={pretrained_weights} is unknown; choose one of {', '.join(WEIGHT_SETS)}")
     unet = build_ssl_unet(preset, **overrides)
     unet.replace_head(num_classes)
     if pretrained_path is not None:
-        config, state_dict = load_pretrained_unet(pretrained_path)
+        config, state_dict = load_pretrained_unet(pretrained_path, pretrained_weights)
         differ = {k: (config.get(k), v) for k, v in unet.config.items() if k != "out_channels" and config.get(k) != v}
         if differ:
             raise ValueError(
-                f"'{pretrained_path}' was pretrained with a different architecture; (file, requested) for "
-                f"{differ}: set preset/overrides to match the pretraining")
+                f"pretrained={pretrained_path} was pretrained with a different architecture; (file, requested) for "
+                f"{differ}: choose the ssl_net/preset it was pretrained with")
         reinitialised = unet.load_backbone(state_dict)
-        log.info("loaded SSL-pretrained U-Net from %s; re-initialised head (%d tensors): %s",
-                 pretrained_path, len(reinitialised), reinitialised)
+        log.info("loaded the %s weights of the SSL-pretrained U-Net %s; re-initialised head (%d tensors): %s",
+                 pretrained_weights, pretrained_path, len(reinitialised), reinitialised)
     return SSLSegmentationNet(unet)

@@ -9,8 +9,9 @@ The schedule and training target come from :mod:`stedm.diffusion.schedules`, the
 
 Outputs written into ``trainer.default_root_dir`` (global rank zero only):
 
-- ``pretrained_unet.pt``: the EMA denoiser and its constructor arguments, rewritten at every
-  checkpoint and at the end of fit; :func:`stedm.models.ssl_unet.build_ssl_segmenter` reads it;
+- ``pretrained_unet.pt``: the denoiser's constructor arguments and both weight sets, the EMA
+  and the live weights, rewritten at every checkpoint and at the end of fit;
+  :func:`stedm.models.ssl_unet.build_ssl_segmenter` reads it (``pretrained_weights`` chooses);
 - ``samples/epoch_XXX.png`` every ``sample_every_n_epochs`` epochs: one row per sample, columns
   from pure noise (left) to the final image (right) of a trajectory of the EMA model, always
   from the same noise so that epochs compare.
@@ -180,7 +181,7 @@ class SSLPretrainer(pl.LightningModule):
     def _write_pretrained(self) -> None:
         if self.trainer.is_global_zero:
             path = Path(self.trainer.default_root_dir) / PRETRAINED_FILENAME
-            save_pretrained_unet(path, self.net.config, self.ema_state_dict())
+            save_pretrained_unet(path, self.net.config, self.ema_state_dict(), live=self.net.state_dict())
 
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
