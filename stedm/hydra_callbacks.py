@@ -32,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from stedm.cluster import is_rank_zero_process
+from stedm.resume import WITHOUT_CHECKPOINTS, check_run_start
 
 PLAN = "sweep_plan.json"
 SUMMARY = "sweep_summary.csv"
@@ -102,6 +103,24 @@ class SweepCallback(Callback):
         write_summary(Path(str(config.hydra.sweep.dir)).absolute())
 
 
+def record_interrupted(reason: str) -> None:
+    """Mark this sweep job INTERRUPTED (a signal stopped it; it continues from its checkpoint when
+    started again): a job that exits on a signal never reaches ``on_job_end``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    config = HydraConfig.get()
+    if config.mode != RunMode.MULTIRUN or not is_rank_zero_process():
+        return
+    job_dir = Path(str(config.runtime.output_dir))
+    path = job_dir / JOB_RECORD
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(status="INTERRUPTED", ended=time.time(), error=reason)
+    _write_json(path, record)
+    write_summary(job_dir.parent)
+
+
 # -- planning and checks ---------------------------------------------------------------------------
 def plan_jobs(config: DictConfig) -> list[tuple[list[str], DictConfig]] | None:
     """Every job of the sweep as ``(overrides, composed config)``, in Hydra's job order; None for
@@ -137,7 +156,13 @@ def check_jobs(launcher: DictConfig, planned: list[tuple[list[str], DictConfig]]
                 f"swept key, e.g. run_name='{name}-{key}${{{key}}}' (predict_diff.py: "
                 f"'+predict_dir=NAME-{key}${{{key}}}', which names its output folder too)")
         first_with[name] = (num, overrides)
-        check_processes(launcher, job, f"multirun job {num} ({' '.join(overrides) or 'no overrides'})")
+        where = f"multirun job {num} ({' '.join(overrides) or 'no overrides'})"
+        check_processes(launcher, job, where)
+        if job.get("task") not in WITHOUT_CHECKPOINTS:
+            try:
+                check_run_start(job, write_check=False)  # each job checks again, and its folders, when it starts
+            except (OSError, RuntimeError, ValueError) as error:
+                raise ValueError(f"{where}: {error}") from error
 
 
 def check_processes(launcher: DictConfig, job: DictConfig, where: str) -> None:

@@ -169,9 +169,10 @@ def run_checkpoint_dir(cfg: DictConfig) -> Path:
     return Path(cfg.location.result_dir) / "checkpoints" / str(cfg.run_name)
 
 
-def check_run_start(cfg: DictConfig) -> Start:
+def check_run_start(cfg: DictConfig, write_check: bool = True) -> Start:
     """Refuse, before anything is written, a run that would resume the wrong model or could not
-    save its work; return the checkpoint it continues from."""
+    save its work (``write_check``: prove its checkpoint folder writable); return the checkpoint
+    it continues from."""
     resume = cfg.get("resume", "auto")
     checkpoint_dir = run_checkpoint_dir(cfg)
     if resume in (None, False, "false"):
@@ -193,7 +194,8 @@ def check_run_start(cfg: DictConfig) -> Start:
         start = Start(path)
     if start.checkpoint is not None:
         check_identity(cfg, start.checkpoint)
-    check_writable(checkpoint_dir, "location.result_dir")
+    if write_check:
+        check_writable(checkpoint_dir, "location.result_dir")
     return start
 
 

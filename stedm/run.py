@@ -136,12 +136,17 @@ def fit(cfg: DictConfig, ctx: RunContext, trainer: pl.Trainer, model: pl.Lightni
     neither a scheduler nor a sweep summary takes it for finished."""
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+    from stedm.hydra_callbacks import record_interrupted
+
     checkpoint = str(ctx.start.checkpoint) if ctx.start.checkpoint else None
     try:
         trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
-    except SIGTERMException as stop:
-        raise SystemExit(143) from stop
-    if trainer.received_sigterm:
+        stopped = trainer.received_sigterm
+    except SIGTERMException:
+        stopped = True
+    if stopped:
+        record_interrupted(f"stopped by SIGTERM at step {trainer.global_step}; started again, it continues from "
+                           f"{ctx.checkpoint_dir / 'last.ckpt'}")
         raise SystemExit(143)
 
 

@@ -103,3 +103,13 @@ def test_checkpoints_load_without_executing_code(finished_run):
     for path in (Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name).glob("*.ckpt"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         assert checkpoint["global_step"] == 4 and IDENTITY_KEY in checkpoint
+
+
+def test_a_sweep_job_that_would_continue_another_run_is_refused_before_launch(finished_run):
+    from stedm.hydra_callbacks import check_jobs
+    from test_cluster import planned_jobs
+
+    paths = [f"location.data_dir={finished_run / 'data'}", f"location.result_dir={finished_run / 'results'}"]
+    master, planned = planned_jobs("train_seg", [*RUN, *paths, "data.patch_size=48", "seed=1,0"])
+    with pytest.raises(ValueError, match=r"(?s)multirun job 1 \(.*seed=0\): resume: .*data.patch_size: 32 -> 48"):
+        check_jobs(master.hydra.launcher, planned)

@@ -342,7 +342,7 @@ def predict_pairs(cfg: DictConfig) -> Path:
     model = load_model(checkpoint)
     del checkpoint
     check_sampler(cfg, model)
-    ctx = prepare(cfg)
+    ctx = prepare(cfg, trains=False)
     fabric = start_processes(cfg, ctx.devices)
     rank, world = fabric.global_rank, fabric.world_size
     model = model.to(fabric.device)
