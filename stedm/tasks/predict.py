@@ -47,7 +47,7 @@ RANK_MANIFEST = "manifest.rank{}.jsonl"  # the records of rank > 0, until rank z
 # users add their own with trusted_targets=[...]
 TRUSTED_TARGETS = ("torch.optim.Adam", "torch.optim.AdamW")
 # choices the model is rebuilt from: given on the command line, they must match the checkpoint
-MODEL_CHOICES = ("style_agg", "preset", "diffusion")
+MODEL_CHOICES = ("preset", "diffusion", "style_agg")
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -153,19 +153,25 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def resolve_choices(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> DictConfig:
-    """``cfg`` with ``style_sampling`` filled in from the checkpoint when not given; refuses
-    ``style_agg``/``preset``/``diffusion`` that contradict the checkpoint, and a ``style_sampling``
+    """``cfg`` with ``style_sampling``/``preset``/``diffusion``/``style_agg`` filled in from the
+    checkpoint where not given; refuses given ``preset``/``diffusion``/``style_agg`` that
+    contradict the checkpoint (resolved alongside its other choices), and a ``style_sampling``
     other than the training one unless ``allow_style_sampling_change=true``."""
     trained = checkpoint.get(CHOICES_KEY)
-    given = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in (*MODEL_CHOICES, "style_sampling")
-             if cfg.get(key) is not None}
+    named = [key for key in ("style_sampling", *MODEL_CHOICES) if cfg.get(key) is not None]
     if trained is None:
-        if given:
+        if named:
             log.warning("ckpt_name: %s records no training choices (written before they were stored); %s "
-                        "cannot be checked against it", path, ", ".join(sorted(given)))
-        if "style_sampling" not in given:
+                        "cannot be checked against it", path, ", ".join(named))
+        if "style_sampling" not in named:
             raise ValueError(f"ckpt_name: {path} does not record its style_sampling; pass style_sampling=NAME")
         return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in ("style_sampling", *MODEL_CHOICES):  # interpolations of the given ones see these
+            if key not in named:
+                cfg[key] = trained[key]
+    given = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in named}
     for key in MODEL_CHOICES:
         if key in given and given[key] != trained[key]:
             changed = differences({key: trained[key]}, {key: given[key]})
@@ -173,11 +179,8 @@ def resolve_choices(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> 
                 f"{key}={given[key].get('name')}: the checkpoint {path} was trained with {key}={trained[key].get('name')} "
                 f"and the model is rebuilt from it ({'; '.join(changed[:6])}); drop {key}=... or pass "
                 f"{key}={trained[key].get('name')}")
-    cfg = cfg.copy()
     with open_dict(cfg):
-        if "style_sampling" not in given:
-            cfg.style_sampling = trained["style_sampling"]
-        elif given["style_sampling"] != trained["style_sampling"]:
+        if "style_sampling" in given and given["style_sampling"] != trained["style_sampling"]:
             old, new = trained["style_sampling"].get("name"), given["style_sampling"].get("name")
             changed = "; ".join(differences({"style_sampling": trained["style_sampling"]},
                                             {"style_sampling": given["style_sampling"]})[:6])
