@@ -144,7 +144,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_directory_and_summarises(
         assert f"-k{4 - job}-" in job_dir.name  # the swept choice is in the run name
         assert json.loads((job_dir / "run_metrics.json").read_text())["fit/train/loss"] == summary.loc[job, "value"]
         checkpoint = torch.load(tmp_path / "results" / "checkpoints" / summary.loc[job, "run_name"] / "last.ckpt",
-                                map_location="cpu", weights_only=False)
+                                map_location="cpu", weights_only=True)
         assert checkpoint["global_step"] == 2
 
 
@@ -156,7 +156,7 @@ def test_train_diff_and_predict_diff_under_ddp(tmp_path):
     run_script("train_diff.py", tmp_path, *train, *DDP)
     cfg = compose_in(tmp_path, "train_diff", train)
     checkpoint = torch.load(Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name / "last.ckpt",
-                            map_location="cpu", weights_only=False)
+                            map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 4 and checkpoint["StedmDataModule"]["sampler"]["world_size"] == 2
     ranks = checkpoint["callbacks"]["RandomState"]["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # each rank its own noise
@@ -197,12 +197,12 @@ def test_train_seg_under_ddp_counts_every_test_unit_once(tmp_path):
     assert distributed["n_units"] == 4 and len(pd.read_csv(run / "per_case_last.csv")) == 4
     assert (run / "metrics_best.json").is_file()
     # the same checkpoint tested by one process, at the same precision, gives the same metrics
-    ctx = prepare(cfg)
+    ctx = prepare(cfg, trains=False)  # tests a checkpoint, continues none
     model = instantiate(cfg.model, lr=1.0, output_dir=str(tmp_path / "single"))
     model.test_tag = "last"
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=ctx.precision, logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.test(model, datamodule=build_datamodule(cfg, ctx, with_style=False), weights_only=False,
+    trainer.test(model, datamodule=build_datamodule(cfg, ctx, with_style=False), weights_only=True,
                  ckpt_path=str(Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name / "last.ckpt"))
     single = json.loads((tmp_path / "single" / "metrics_last.json").read_text())
     assert single.keys() == distributed.keys()

@@ -12,7 +12,7 @@ import torch
 
 from conftest import write_flowers
 from stedm.tasks.diffusion import train_diffusion
-from stedm.tasks.predict import load_model
+from stedm.tasks.predict import load_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["preset=tiny", "data.patch_size=32", "data.samples=8", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
@@ -41,9 +41,9 @@ def test_train_diff_runs_and_checkpoint_reloads(compose_cfg, sampling, agg):
     ckpt, run = run_dirs(cfg)
     losses = pd.read_csv(run / "logs" / "metrics.csv")["train/loss"].dropna()
     assert len(losses) == 2 and losses.map(lambda v: torch.isfinite(torch.tensor(v)).item()).all()
-    model = load_model(ckpt)
+    model = load_model(read_checkpoint(ckpt))
     assert (model.style is None) == (sampling == "none")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     state, shadow = checkpoint["state_dict"], checkpoint["ema"]["shadow_params"]
     # loaded for sampling: the EMA weights replace the trainable ones, everything else as stored
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]

@@ -28,7 +28,7 @@ def train_segmentation(cfg: DictConfig) -> dict[str, list[dict]]:
             log.warning("no '%s' checkpoint (checkpoint.monitor=%s): skipping its test", tag, cfg.checkpoint.monitor)
             continue
         model.test_tag = tag
-        results[tag] = trainer.test(model, datamodule=datamodule, ckpt_path=path, weights_only=False)
+        results[tag] = trainer.test(model, datamodule=datamodule, ckpt_path=path, weights_only=True)
     return results
 
 
