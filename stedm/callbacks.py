@@ -205,8 +205,8 @@ def restore_random_state(state: dict[str, Any]) -> None:
 class CheckpointContent(pl.Callback):
     """Every checkpoint carries the run's identity (:func:`stedm.resume.identity`, checked before
     a run continues from it) and holds only what ``torch.load(weights_only=True)`` accepts: the
-    hyper-parameters Lightning saves are reduced to plain values (a partial optimizer becomes
-    its description; the model is always rebuilt from the config, never from them)."""
+    hyper-parameters Lightning saves are reduced to plain values (a partial optimizer is left
+    out: the model is always rebuilt from the config, never from them)."""
 
     def __init__(self, identity: dict[str, Any]) -> None:
         self.identity = identity
@@ -214,24 +214,11 @@ class CheckpointContent(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         checkpoint[IDENTITY_KEY] = self.identity
+        from stedm.models.weights import plain
+
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if key in checkpoint:
-                checkpoint[key] = plain(checkpoint[key])
-
-
-def plain(value: Any) -> Any:
-    """``value`` with everything but plain containers, numbers, strings and tensors as ``repr``."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return value
-    return repr(value)
+                checkpoint[key] = plain(checkpoint[key], dropped=[])
 
 
 class RunMetrics(pl.Callback):

@@ -20,8 +20,6 @@ keeps until its successor is complete and verified.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import logging
 import os
 import uuid
@@ -33,6 +31,8 @@ from typing import Any
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from stedm.config import differences, flatten
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,9 @@ WEIGHT_KEYS = ("pretrained", "weights_path", "pretrained_path")
 # -- identity ------------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
 def _digest(path: str, size: int, mtime: float) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from stedm.models.weights import sha256_of
+
+    return sha256_of(path)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -68,24 +66,13 @@ def file_sha256(path: str | Path) -> str:
     return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime)
 
 
-def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
-        if not node and prefix:
-            out[prefix] = {}
-    else:
-        out[prefix] = node
-
-
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The run's identity: its resolved config (no ``hydra``) as ``{dotted key: value}``."""
     from stedm.run import batch_size, learning_rate, resolve_devices
 
     container = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
                  for key in cfg if key != "hydra"}
-    flat: dict[str, Any] = {}
-    _flatten(container, "", flat)
+    flat = flatten(container)
     roots = [(str(cfg.location.result_dir), "<result_dir>"), (str(cfg.location.data_dir), "<data_dir>")]
     for key, value in flat.items():
         if isinstance(value, list):
@@ -106,18 +93,6 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
 
 def allowed_changes(cfg: DictConfig) -> list[str]:
     return [*ALLOWED_CHANGES, *[str(p) for p in (cfg.get("allow_change") or [])]]
-
-
-def differences(stored: dict[str, Any], current: dict[str, Any], allowed: list[str]) -> list[str]:
-    """``key: old -> new`` for every key that differs and may not."""
-    found = []
-    for key in sorted(set(stored) | set(current)):
-        if any(fnmatch.fnmatchcase(key, pattern) or key.startswith(pattern + ".") for pattern in allowed):
-            continue
-        old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
-        if old != new:
-            found.append(f"{key}: {old!r} -> {new!r}")
-    return found
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

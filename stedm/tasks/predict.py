@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
+from stedm.config import differences
 from stedm.data.contract import tensor_to_image
 from stedm.data.datamodule import build_dataset, entry_ratios
 from stedm.data.io import is_temporary, remove_temporaries, write_png_atomic, write_text_atomic
@@ -138,20 +139,6 @@ def load_model(checkpoint: dict[str, Any]) -> torch.nn.Module:
 
 
 # -- choices the checkpoint was trained with ----------------------------------------------------
-def flat(value: Any, prefix: str) -> dict[str, Any]:
-    """Nested containers as ``dotted.key -> leaf``."""
-    if isinstance(value, dict) and value:
-        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
-    return {prefix: value}
-
-
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every leaf that differs."""
-    a, b = flat(old, ""), flat(new, "")
-    return [f"{k[1:]}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
-
-
 def resolve_choices(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> DictConfig:
     """``cfg`` with ``style_sampling``/``preset``/``diffusion``/``style_agg`` filled in from the
     checkpoint where not given; refuses given ``preset``/``diffusion``/``style_agg`` that
