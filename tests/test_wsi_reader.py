@@ -130,7 +130,8 @@ def test_slide_reader_is_chosen_by_config(compose_cfg, tmp_path):
                      ["s0.tif,p0,train,2", "s1.tif,p1,train,3", "s2.tif,p2,train,3"], header="slide,case,split,score")
     small = ["data.patch_size=32", "data.downsample=2", "data.annotation_downsample=8", "data.tissue.downsample=8",
              "data.samples=4", f"location.data_dir={tmp_path / 'data'}", "data/entries=her2_paired"]
-    for overrides, expected in (([], "tiles"), (["data.slide_reader=openslide"], "openslide")):
+    for overrides, expected in (([], "tiles"), (["data.slide_reader=openslide"], "openslide"),
+                                (["data.slide_reader=tiffslide"], "tiffslide")):
         cfg = compose_cfg("train_diff", ["data=her2", "style_sampling=mp", *small, *overrides])
         datamodule = StedmDataModule(cfg.data, batch_size=2, style_sampler=instantiate(cfg.style_sampling.sampler),
                                      eval_splits=())

@@ -4,8 +4,9 @@
 (:mod:`stedm.data.wsi.tiles`: tifffile + imagecodecs and a bounded cache of decoded tiles, about
 twice as fast as OpenSlide per region, more with cache hits) and every other format with
 OpenSlide. ``reader="openslide"`` reads everything with OpenSlide (the reference path of
-``benchmarks/wsi.py --compare``). OpenSlide always gives the slide's levels, so both readers read
-a region from the same level.
+``benchmarks/wsi.py --compare``); ``reader="tiffslide"`` reads every slide with tiffslide
+(tifffile + zarr, the reader wsinfer offers; :class:`TiffSlideLevels`). OpenSlide always gives the
+slide's levels, so every reader reads a region from the same level.
 
 Slides are opened lazily, once per process: DataLoader workers (forked or spawned) reopen them on
 first use instead of sharing the parent's file handles, and pickling drops the handles. All
@@ -24,14 +25,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import openslide
+import tiffslide
 
 from stedm.data.wsi.tiles import TileCache, TiledTiff, UnsupportedTiff
 
 TILE_CACHE_BYTES = 128 * 2**20
 """Decoded-tile cache shared by every slide a process has open in OpenSlide."""
-READERS = ("auto", "openslide")
+READERS = ("auto", "openslide", "tiffslide")
 """``auto``: the tile reader for generic tiled TIFF and Aperio SVS, OpenSlide otherwise;
-``openslide``: OpenSlide for every slide."""
+``openslide``: OpenSlide for every slide; ``tiffslide``: tiffslide for every slide (TIFF-based
+formats only)."""
 TILE_READER_VENDORS = frozenset({"generic-tiff", "aperio"})
 """OpenSlide formats whose pyramid levels are plain tiled TIFF pages."""
 CHECK_TOLERANCE = 2.0
@@ -47,6 +50,54 @@ def process_tile_cache() -> openslide.OpenSlideCache:
         _shared_cache.clear()  # a forked child must not reuse its parent's cache object
         _shared_cache[pid] = openslide.OpenSlideCache(TILE_CACHE_BYTES)
     return _shared_cache[pid]
+
+
+class _LevelCoordinates(tiffslide.TiffSlide):
+    """``read_region`` takes the location in the level's own pixels (tiffslide's documented
+    extension point), so no level-0 coordinate is rounded twice."""
+
+    def _read_region_loc_transform(self, location: tuple[int, int], level: int) -> tuple[int, int]:
+        return location
+
+
+class TiffSlideLevels:
+    """Regions of OpenSlide's levels read with tiffslide: ``read(level, x, y, width, height)`` in
+    level pixels, as :class:`~stedm.data.wsi.tiles.TiledTiff` reads them; pixels outside the level
+    are white. The file is reopened in each process (pickling drops the handle)."""
+
+    def __init__(self, path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> None:
+        self.path, self._slide, self._pid = Path(path), None, None
+        try:
+            theirs = [tuple(d) for d in self.slide.level_dimensions]
+        except Exception as err:  # tifffile / zarr errors of files tiffslide cannot read
+            raise ValueError(f"tiffslide cannot read {self.path} ({err}); set data.slide_reader=auto "
+                             "(OpenSlide for formats other than tiled TIFF / SVS)") from err
+        missing = [d for d in level_dimensions if tuple(d) not in theirs]
+        if missing:
+            raise ValueError(f"tiffslide does not see OpenSlide's levels {missing} of {self.path} (it sees "
+                             f"{theirs}); set data.slide_reader=auto to read this slide")
+        self.levels = [theirs.index(tuple(d)) for d in level_dimensions]  # OpenSlide level -> tiffslide level
+        self.level_dimensions = [tuple(d) for d in level_dimensions]
+
+    @property
+    def slide(self) -> tiffslide.TiffSlide:
+        if self._slide is None or self._pid != os.getpid():
+            self._slide, self._pid = _LevelCoordinates(str(self.path)), os.getpid()
+        return self._slide
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_slide": None, "_pid": None}
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        level_width, level_height = self.level_dimensions[level]
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + width, level_width), min(y + height, level_height)
+        if x1 > x0 and y1 > y0:
+            region = self.slide.read_region((x0, y0), self.levels[level], (x1 - x0, y1 - y0),
+                                            as_array=True, padding=False)
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = region[..., :3]
+        return out
 
 
 def best_level(level_downsamples: tuple[float, ...], downsample: float) -> int:
@@ -76,8 +127,14 @@ class SlideReader:
         handle = self.handle
         self.dimensions: tuple[int, int] = tuple(handle.dimensions)  # (width, height) at level 0
         self.level_downsamples: tuple[float, ...] = tuple(handle.level_downsamples)
-        self.tiles: TiledTiff | None = None
-        if reader == "auto":
+        self.tiles: TiledTiff | TiffSlideLevels | None = None
+        if reader == "tiffslide":
+            self.tiles = TiffSlideLevels(self.path, self.handle.level_dimensions)
+            difference = self._difference_to_openslide(self.tiles)
+            if difference > CHECK_TOLERANCE:
+                raise ValueError(f"tiffslide reads {self.path} {difference:.1f} grey levels away from OpenSlide "
+                                 "on average (a colour space it does not handle); set data.slide_reader=auto")
+        elif reader == "auto":
             try:
                 self.tiles = self._tile_reader(TileCache(TILE_CACHE_BYTES) if tile_cache is None else tile_cache)
             except UnsupportedTiff as why:
@@ -85,8 +142,10 @@ class SlideReader:
 
     @property
     def reader(self) -> str:
-        """Which reader reads this slide's regions: ``tiles`` or ``openslide``."""
-        return "openslide" if self.tiles is None else "tiles"
+        """Which reader reads this slide's regions: ``tiles``, ``tiffslide`` or ``openslide``."""
+        if self.tiles is None:
+            return "openslide"
+        return "tiffslide" if isinstance(self.tiles, TiffSlideLevels) else "tiles"
 
     @property
     def handle(self) -> openslide.OpenSlide:
@@ -116,15 +175,19 @@ class SlideReader:
         if vendor not in TILE_READER_VENDORS:
             raise UnsupportedTiff(f"format '{vendor}'")
         tiles = TiledTiff(self.path, self.handle.level_dimensions, cache)
-        level = len(tiles.levels) - 1
-        spec = tiles.levels[level]
-        size = (min(spec.tile_width, spec.width), min(spec.tile_height, spec.height))
-        ours = tiles.read(level, 0, 0, *size).astype(np.float32)
-        theirs = self._read_openslide(0, 0, level, size).astype(np.float32)
-        difference = float(np.abs(ours - theirs).mean())
+        spec = tiles.levels[-1]
+        difference = self._difference_to_openslide(tiles, (spec.tile_width, spec.tile_height))
         if difference > CHECK_TOLERANCE:
             raise UnsupportedTiff(f"its pixels differ from OpenSlide's by {difference:.1f} grey levels on average")
         return tiles
+
+    def _difference_to_openslide(self, tiles: TiledTiff | TiffSlideLevels, tile: tuple[int, int] = (256, 256)) -> float:
+        """Mean absolute difference to OpenSlide of the first ``tile`` of the coarsest level."""
+        level = len(self.level_downsamples) - 1
+        width, height = self.handle.level_dimensions[level]
+        size = (min(tile[0], width), min(tile[1], height))
+        ours = tiles.read(level, 0, 0, *size).astype(np.float32)
+        return float(np.abs(ours - self._read_openslide(0, 0, level, size).astype(np.float32)).mean())
 
     def level_for(self, downsample: float) -> tuple[int, float]:
         """The pyramid level a read at ``downsample`` uses, and that level's downsample."""
