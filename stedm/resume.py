@@ -40,7 +40,7 @@ IDENTITY_KEY = "stedm_run_identity"
 LAST, PREVIOUS = "last.ckpt", "last.prev.ckpt"
 ALLOWED_CHANGES = (
     "location.*",  # hardware and paths; what they change (batch, lr, world size) is in derived.*
-    "logger", "main_metric", "resume", "allow_change", "test_checkpoints", "progress",
+    "logger", "wandb", "main_metric", "resume", "allow_change", "test_checkpoints", "progress",
     "trainer.max_epochs", "trainer.max_steps",  # train longer (or stop sooner)
     "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "checkpoint.every_n_train_steps",

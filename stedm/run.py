@@ -163,7 +163,13 @@ def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
         elif name == "tensorboard":
             built.append(loggers.TensorBoardLogger(ctx.run_dir, name="tensorboard", version=""))
         elif name == "wandb":
-            built.append(loggers.WandbLogger(project="stedm", name=cfg.run_name, save_dir=str(ctx.run_dir)))
+            try:
+                import wandb  # noqa: F401  (WandbLogger's own error does not say which extra)
+            except ImportError:
+                raise ImportError("logger=[wandb] needs the wandb package: pip install -e .[wandb]") from None
+            options = cfg.get("wandb") or {}
+            built.append(loggers.WandbLogger(project=options.get("project") or "stedm", entity=options.get("entity"),
+                                             name=cfg.run_name, save_dir=str(ctx.run_dir)))
         else:
             raise ValueError(f"logger={name} is unknown; choose from csv, tensorboard, wandb")
     return built
