@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
 from diffusers import AutoencoderKL, VQModel
 from torch import Tensor, nn
 
+from stedm.models.cards import card_path, read_card
 from stedm.models.ldm_convert import ldm_autoencoder_to_diffusers, load_ldm_checkpoint
-from stedm.models.weights import load_strict
+from stedm.models.weights import load_strict, read_state_dict
+
+log = logging.getLogger(__name__)
 
 #: The LDM vq-f4 autoencoder (3 latent channels, codebook 8192, channels 128/256/512, 2 res blocks
 #: per level, attention only in the middle of encoder and decoder, latent scale factor 1.0).
@@ -84,30 +87,74 @@ class DiffusersFirstStage(FirstStage):
         return self.model.decode(z / self.scale_factor).sample
 
 
-def build_first_stage(kind: str = "identity", weights_path: str | None = None, **kwargs: Any) -> FirstStage:
+def architecture(model: VQModel | AutoencoderKL) -> dict[str, Any]:
+    """``{"kind", "config"}`` that rebuilds ``model`` (what a model card records)."""
+    kind = "vq_f4" if isinstance(model, VQModel) else "kl"
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(model.config).items() if not k.startswith("_")}
+    return {"kind": kind, "config": config}
+
+
+def build_model(kind: str, config: dict[str, Any]) -> VQModel | AutoencoderKL:
+    model_cls = {"vq_f4": VQModel, "kl": AutoencoderKL}.get(kind)
+    if model_cls is None:
+        raise ValueError(f"first stage kind={kind!r}; choose 'identity', 'vq_f4' or 'kl'")
+    return model_cls(**({**VQ_F4_CONFIG, **config} if kind == "vq_f4" else config))
+
+
+def build_first_stage(kind: str = "identity", weights_path: str | None = None, allow_random: bool = False,
+                      **kwargs: Any) -> FirstStage:
     """The first stage ``kind``: ``identity`` | ``vq_f4`` | ``kl``.
 
     ``kwargs`` override the architecture (``VQModel`` arguments on top of :data:`VQ_F4_CONFIG`
-    for ``vq_f4``, ``AutoencoderKL`` arguments for ``kl``). ``weights_path`` is a local diffusers
-    model folder (its own config then defines the architecture) or an original LDM checkpoint
-    file (autoencoder or full model), converted on load.
+    for ``vq_f4``, ``AutoencoderKL`` arguments for ``kl``). ``weights_path``: an existing path is
+    a local diffusers model folder (its own config then defines the architecture), a
+    ``.safetensors`` file with a STEDM model card (``python -m stedm.train_first_stage``, the
+    weights cache: the card defines the architecture) or an original LDM checkpoint file
+    (autoencoder or full model), converted on load; any other value is a weights-cache name
+    (:mod:`stedm.weights_cache`). ``allow_random`` (never passed on to diffusers): a cache name
+    that is not in the cache gives random weights, with a warning, instead of an error;
+    ``train_diff.py`` refuses a random first stage without it (:func:`stedm.tasks.diffusion.check_first_stage`).
     """
     if kind == "identity":
         if weights_path is not None or kwargs:
             raise ValueError("first stage 'identity' takes no weights_path and no architecture arguments")
         return IdentityFirstStage()
-    model_cls = {"vq_f4": VQModel, "kl": AutoencoderKL}.get(kind)
-    if model_cls is None:
+    if kind not in ("vq_f4", "kl"):
         raise ValueError(f"first stage kind={kind!r}; choose 'identity', 'vq_f4' or 'kl'")
-    if weights_path is not None and Path(weights_path).expanduser().is_dir():
+    model_cls = VQModel if kind == "vq_f4" else AutoencoderKL
+    path = None
+    if weights_path is not None:
+        from stedm.weights_cache import resolve
+
+        try:
+            path = resolve(str(weights_path), "diffusion.first_stage.weights_path")
+        except FileNotFoundError as err:
+            if not allow_random:
+                raise
+            log.warning("RANDOM FIRST STAGE (diffusion.first_stage.allow_random=true): %s", err)
+    if path is not None and path.is_dir():
         if kwargs:
             raise ValueError(f"weights_path={weights_path!r} is a diffusers folder whose config defines the "
                              f"architecture; drop the arguments {sorted(kwargs)}")
-        return DiffusersFirstStage(model_cls.from_pretrained(Path(weights_path).expanduser(), local_files_only=True))
-    model = model_cls(**({**VQ_F4_CONFIG, **kwargs} if kind == "vq_f4" else kwargs))
-    if weights_path is not None:
+        return DiffusersFirstStage(model_cls.from_pretrained(path, local_files_only=True))
+    card = read_card(path) if path is not None and path.suffix == ".safetensors" else None
+    if card is not None:
+        stored = (card.get("model") or {}).get("first_stage")
+        if not stored:
+            raise ValueError(f"diffusion.first_stage.weights_path={weights_path!r}: its card {card_path(path).name} "
+                             f"describes no first stage (task {card.get('task')!r})")
+        if stored["kind"] != kind or kwargs:
+            raise ValueError(f"diffusion.first_stage.weights_path={weights_path!r} holds a {stored['kind']!r} first "
+                             f"stage whose card defines the architecture; set diffusion.first_stage.kind="
+                             f"{stored['kind']} and drop the arguments {sorted(kwargs)}")
+        model = build_model(kind, stored["config"])
+        load_strict(model, read_state_dict(path, "diffusion.first_stage.weights_path"),
+                    f"weights_path={weights_path!r}")
+        return DiffusersFirstStage(model)
+    model = build_model(kind, kwargs)
+    if path is not None:
         cfg = model.config
-        converted = ldm_autoencoder_to_diffusers(load_ldm_checkpoint(weights_path),
+        converted = ldm_autoencoder_to_diffusers(load_ldm_checkpoint(path),
                                                  num_levels=len(cfg.block_out_channels),
                                                  layers_per_block=cfg.layers_per_block)
         load_strict(model, converted.state_dict, f"weights_path={weights_path!r}")

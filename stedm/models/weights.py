@@ -61,18 +61,29 @@ def extract_state_dict(payload: Any, source: str) -> dict[str, Tensor]:
 
 
 def read_state_dict(path: str | Path, argument: str = "weights_path") -> dict[str, Tensor]:
-    """Read a state dict from a local ``.safetensors``, ``.pt``/``.pth``/``.bin`` or Lightning ``.ckpt`` file.
+    """Read a state dict from a local ``.safetensors``, ``.pt``/``.pth``/``.bin`` or Lightning ``.ckpt`` file,
+    or from the weights cache entry ``path`` names when it is not an existing path.
 
     A checkpoint's ``state_dict`` (or ``model``) entry is returned; any other file must hold the
     state dict itself. ``argument`` names the config entry the path came from, for error messages.
-    Never runs code from the file (see the module docstring).
+    A ``.safetensors`` file with a model card beside it (:mod:`stedm.models.cards`) must have the
+    sha256 the card records. Never runs code from the file (see the module docstring).
     """
     path = Path(path).expanduser()
+    if not path.exists():  # not a path: a name in the weights cache (stedm.weights_cache)
+        from stedm.weights_cache import resolve
+
+        path = resolve(str(path), argument)
     if not path.is_file():
         raise FileNotFoundError(f"{argument}={str(path)!r}: no such file; give the local path of a weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        from stedm.models.cards import read_card, verify
+
+        card = read_card(path)
+        if card is not None:  # written by STEDM (run export, weights cache): the file must be the one it describes
+            verify(path, card, argument)
         return load_file(path)
     return extract_state_dict(load_safely(path, argument), f"{argument}={str(path)!r}")
 
