@@ -66,7 +66,8 @@ def build_module(preset: str, overrides: tuple[str, ...] = ()):
     from stedm.run import batch_size, learning_rate
     from stedm.tasks.diffusion import build_model, model_config
 
-    cfg = H.compose("train_diff", preset, ("diffusion.sample_every_n_steps=0", *overrides))
+    cfg = H.compose("train_diff", preset, ("diffusion.sample_every_n_steps=0", "diffusion.first_stage.allow_random=true",
+                                           *overrides))
     torch.manual_seed(0)
     return build_model(model_config(cfg), learning_rate(cfg, batch_size(cfg), 1)), cfg
 

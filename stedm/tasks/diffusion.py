@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stedm.run import build_datamodule, build_trainer, fit, prepare
+
+log = logging.getLogger(__name__)
 
 CONFIG_KEY = "stedm_model_config"
 CHOICES_KEY = "stedm_choices"  # the resolved style_agg, style_sampling, preset and diffusion of the run
@@ -52,7 +55,54 @@ class StoreModelConfig(pl.Callback):
             checkpoint[CHOICES_KEY] = self.choices
 
 
+RANDOM_OPT_IN = "diffusion.first_stage.allow_random=true"
+
+
+def check_first_stage(first_stage: DictConfig | dict) -> bool:
+    """Refuse, before any work, a non-identity first stage that would start from random weights
+    (``weights_path`` null, or a cache name the cache does not hold) unless ``allow_random``:
+    the error gives the ways forward. Returns whether the first stage is random (opted in,
+    logged loudly)."""
+    from stedm.weights_cache import is_available, ways_forward
+
+    kind, value = first_stage.get("kind"), first_stage.get("weights_path")
+    if kind == "identity" or (value is not None and is_available(str(value))):
+        return False
+    name = str(value) if value is not None else "ldm-vq-f4"
+    why = ("diffusion.first_stage.weights_path is null, so the autoencoder would be random" if value is None else
+           f"diffusion.first_stage.weights_path={value!r} is neither an existing path nor in the weights cache")
+    if not first_stage.get("allow_random"):
+        raise FileNotFoundError(
+            f"diffusion.first_stage.kind={kind}: {why}, and diffusion in the latent space of an untrained "
+            f"autoencoder learns nothing useful. To get weights, {ways_forward(name, 'diffusion.first_stage.weights_path')}. "
+            f"For a smoke test or benchmark only: {RANDOM_OPT_IN}")
+    log.warning("!" * 60 + "\nRANDOM FIRST STAGE (%s): %s; the checkpoint records it and predict_diff.py refuses "
+                "it without the same opt-in. Use this for smoke tests and benchmarks only.\n" + "!" * 60,
+                RANDOM_OPT_IN, why)
+    return True
+
+
+def check_random_first_stage(cfg: DictConfig, checkpoint: dict[str, Any], path: Any) -> DictConfig:
+    """predict_diff: refuse a checkpoint trained with a random first stage (``allow_random``)
+    unless ``+diffusion.first_stage.allow_random=true`` is given too. Returns ``cfg`` with a
+    ``diffusion`` that holds nothing but this opt-in removed (the checkpoint's is used)."""
+    stored = (checkpoint.get(CONFIG_KEY) or {}).get("first_stage") or {}
+    given = OmegaConf.select(cfg, "diffusion.first_stage.allow_random", default=None)
+    if stored.get("allow_random") and stored.get("kind") != "identity" and not given:
+        raise ValueError(f"ckpt_name: {path} was trained with a random first stage ({RANDOM_OPT_IN}: a smoke test "
+                         "or benchmark), so its pairs are not meaningful; pass +diffusion.first_stage.allow_random=true "
+                         "to sample from it anyway")
+    if given is not None and OmegaConf.to_container(cfg.diffusion) == {"first_stage": {"allow_random": given}}:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.diffusion = None
+    if given and stored.get("allow_random"):
+        log.warning("sampling from %s, trained with a RANDOM first stage (%s)", path, RANDOM_OPT_IN)
+    return cfg
+
+
 def train_diffusion(cfg: DictConfig) -> pl.Trainer:
+    check_first_stage(cfg.diffusion.first_stage)
     ctx = prepare(cfg)
     datamodule = build_datamodule(cfg, ctx, eval_splits=(), with_style=True)
     config = model_config(cfg)

@@ -32,17 +32,17 @@ from stedm.config import differences
 from stedm.data.contract import tensor_to_image
 from stedm.data.datamodule import build_dataset, entry_ratios
 from stedm.data.io import is_temporary, remove_temporaries, write_png_atomic, write_text_atomic
-from stedm.data.synthetic import MANIFEST, PAIR_IMAGE, PAIR_MASK, append_manifest, read_manifest, repair_manifest
+from stedm.data.synthetic import (MANIFEST, PAIR_IMAGE, PAIR_MASK, SETTINGS, append_manifest, read_manifest,
+                                  repair_manifest)
 from stedm.data.transforms import train_transform
 from stedm.diffusion.guidance import GUIDANCE_MODES
 from stedm.diffusion.sampling import SAMPLERS, sample
 from stedm.models.style import null_style_like
 from stedm.models.weights import load_safely, sha256_of
 from stedm.run import prepare, resolve_precision
-from stedm.tasks.diffusion import CHOICES_KEY, CONFIG_KEY, build_model
+from stedm.tasks.diffusion import CHOICES_KEY, CONFIG_KEY, build_model, check_random_first_stage
 
 log = logging.getLogger(__name__)
-SETTINGS = ".stedm_settings.json"
 RANK_MANIFEST = "manifest.rank{}.jsonl"  # the records of rank > 0, until rank zero merges them
 # _target_ values a checkpoint's stored config may name besides stedm.* (those conf/ uses);
 # users add their own with trusted_targets=[...]
@@ -221,19 +221,32 @@ class PairSource:
 
 
 # -- output folder -----------------------------------------------------------------------------
-def settings_of(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
+def settings_of(cfg: DictConfig, checkpoint: Path, layout_classes: int | None = None) -> dict[str, Any]:
     """Everything that decides what a pair is (not their number, the batch size, or how a pair
     is computed: ``batched_guidance``/``shared_trunk`` agree within 2/255; not the checkpoint's
-    path either, only its content)."""
+    path either, only its content). ``layout_classes``: the label space of the masks written
+    (the model's layout: 2 with ``data.binary_layout``), read back by ``*_syn`` entries."""
     keys = ("seed", "sampler", "steps", "spacing", "cfg_scale", "rescale", "guidance_mode")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     settings = {"checkpoint_sha256": sha256_of(checkpoint), "data": resolved["data"]["dataset"],
                 "data_augment": resolved["data"].get("augment"), "num_classes": resolved["data"]["num_classes"],
                 "patch_size": int(cfg.data.patch_size), "style_sampling": resolved["style_sampling"],
                 **{k: resolved[k] for k in keys}}
+    if layout_classes is not None:
+        settings["layout_classes"] = int(layout_classes)
+        settings["class_names"] = layout_class_names(resolved["data"], int(layout_classes))
     if cfg.get("style_sampling_trained") is not None:
         settings["style_sampling_trained"] = resolved["style_sampling_trained"]
     return settings
+
+
+def layout_class_names(data: dict[str, Any], layout_classes: int) -> list[str]:
+    """Names of the layout's classes: the data's, or background / foreground for a binary layout."""
+    names = [str(n) for n in data.get("class_names") or []]
+    if len(names) == layout_classes:
+        return names
+    return [names[0] if names else "background", "foreground"] if layout_classes == 2 else \
+        [f"class {i}" for i in range(layout_classes)]
 
 
 def read_settings(path: Path) -> dict[str, Any]:
@@ -328,6 +341,7 @@ def predict_pairs(cfg: DictConfig) -> Path:
     check_arguments(cfg)
     path = resolve_checkpoint(cfg)
     checkpoint = read_checkpoint(path, [str(t) for t in cfg.get("trusted_targets") or []])
+    cfg = check_random_first_stage(cfg, checkpoint, path)
     cfg = resolve_choices(cfg, checkpoint, path)
     model = load_model(checkpoint)
     del checkpoint
@@ -337,7 +351,8 @@ def predict_pairs(cfg: DictConfig) -> Path:
     rank, world = fabric.global_rank, fabric.world_size
     model = model.to(fabric.device)
     folder = Path(cfg.location.data_dir) / "syn_data" / str(cfg.predict_dir)
-    on_rank_zero_first(fabric, lambda: open_output(folder, settings_of(cfg, path), bool(cfg.overwrite)))
+    on_rank_zero_first(fabric, lambda: open_output(folder, settings_of(cfg, path, model.layout_channels),
+                                                     bool(cfg.overwrite)))
     done = read_manifest(folder)
     source = PairSource(cfg, with_style=int(cfg.style_sampling.num_images) > 0)
     null_style = model.style is not None and source.styles is None  # style_sampling=none, opted in
@@ -369,7 +384,9 @@ def predict_pairs(cfg: DictConfig) -> Path:
         records = []
         for i, x, image in zip(indices, inputs, tensor_to_image(images)):
             write_png_atomic(image, folder / PAIR_IMAGE.format(i))
-            write_png_atomic(x["mask"].numpy().astype("uint8"), folder / PAIR_MASK.format(i))
+            # the mask in the layout's label space: what the image was conditioned on
+            write_png_atomic(model.layout_classes(x["mask"][None])[0].numpy().astype("uint8"),
+                             folder / PAIR_MASK.format(i))
             records.append({"index": i, "seed": int(cfg.seed), "sampler": cfg.sampler, "steps": int(cfg.steps),
                             "cfg_scale": float(cfg.cfg_scale), "checkpoint": str(path),
                             **{k: v for k, v in x.items() if k not in ("mask", "style")}})
@@ -379,5 +396,7 @@ def predict_pairs(cfg: DictConfig) -> Path:
     fabric.barrier()
     if rank == 0:
         merge_rank_manifests(folder)
-        log.info("wrote %s", folder)
+        from stedm.viz import pair_folder_sheet
+
+        log.info("wrote %s (contact sheet %s)", folder, pair_folder_sheet(folder))
     return folder
