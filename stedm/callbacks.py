@@ -95,13 +95,16 @@ class LastCheckpoint(Checkpoint):
         self._saved_step = trainer.global_step
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """SIGTERM (SLURM's preemption and time-out signal) between two training batches: save the
-        work so far, so that the requeued job loses nothing."""
+        """SIGTERM (SLURM's preemption and time-out signal) between two training batches of a
+        single process: save the work so far, so that the requeued job loses nothing. Under DDP
+        the ranks may stop at different batches (each checks its own signal flag), and a
+        collective save there could hang or mismatch: they keep the last regular checkpoint."""
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
         batches = trainer.fit_loop.epoch_loop.batch_progress.current
         between_batches = batches.completed == batches.processed and not trainer.sanity_checking
-        if isinstance(exception, SIGTERMException) and trainer.training and between_batches:
+        if (isinstance(exception, SIGTERMException) and trainer.training and between_batches
+                and trainer.world_size == 1):
             self.save(trainer)
 
 
@@ -240,3 +243,47 @@ class RunMetrics(pl.Callback):
         metrics = json.loads(self.path.read_text()) if self.path.is_file() else {}
         metrics.update({f"{stage}/{k}": float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         self.path.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+EXPORT = "final.safetensors"
+
+
+class ExportWeights(pl.Callback):
+    """At the end of a finished ``fit`` (not one stopped by SIGTERM), write the final weights --
+    the EMA ones where the module keeps an EMA (its ``ema_weights()``, or its own
+    ``export_state_dict()``) -- as ``<run dir>/final.safetensors`` with a model card
+    (:mod:`stedm.models.cards`: task, resolved config, data entries, metrics, provenance). The
+    run's ``last.ckpt`` stays for resuming; a resumed run that finishes again writes a new export."""
+
+    def __init__(self, run_dir: str | Path, cfg: Any) -> None:
+        from omegaconf import OmegaConf
+
+        self.path = Path(run_dir) / EXPORT
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import logging
+
+        from stedm.models.cards import write_weights
+
+        if trainer.received_sigterm or not trainer.is_global_zero:
+            return
+        if hasattr(pl_module, "export_state_dict"):
+            state, which = pl_module.export_state_dict()
+        elif hasattr(pl_module, "ema_weights") and getattr(pl_module, "ema", None) is not None:
+            with pl_module.ema_weights():
+                state, which = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}, "ema"
+        else:
+            state, which = pl_module.state_dict(), "live"
+        data = self.config.get("data") or {}
+        card = {"task": self.config.get("task"), "run_name": self.config.get("run_name"), "weights_set": which,
+                "module": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
+                "data": {"name": data.get("name"), "ratios": data.get("ratios"), "entries": list(data["dataset"])
+                         if isinstance(data.get("dataset"), dict) else data.get("dataset")},
+                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+                "step": trainer.global_step, "epoch": trainer.current_epoch, "config": self.config}
+        if hasattr(pl_module, "export_card"):
+            card.update(pl_module.export_card())
+        if self.path.exists():
+            logging.getLogger(__name__).info("%s: replaced by this run's new final weights", self.path)
+        write_weights(self.path, state, card, overwrite=True)

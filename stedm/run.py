@@ -177,10 +177,11 @@ def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
 
 def build_callbacks(cfg: DictConfig, ctx: RunContext) -> list[pl.Callback]:
     """``last.ckpt`` (:class:`~stedm.callbacks.LastCheckpoint`), the best checkpoints by
-    ``checkpoint.monitor`` if set, random states and final metrics (:mod:`stedm.callbacks`)."""
+    ``checkpoint.monitor`` if set, random states, final metrics and the final weights as
+    safetensors with a model card (:mod:`stedm.callbacks`)."""
     from pytorch_lightning import callbacks
 
-    from stedm.callbacks import CheckpointContent, LastCheckpoint, RandomState, RunMetrics
+    from stedm.callbacks import CheckpointContent, ExportWeights, LastCheckpoint, RandomState, RunMetrics
 
     ckpt = cfg.checkpoint
     built: list[pl.Callback] = []
@@ -189,7 +190,7 @@ def build_callbacks(cfg: DictConfig, ctx: RunContext) -> list[pl.Callback]:
             dirpath=ctx.checkpoint_dir, monitor=ckpt.monitor, mode=ckpt.mode, save_top_k=int(ckpt.save_top_k),
             filename="best-{epoch:03d}-{step:07d}", auto_insert_metric_name=False))
     built += [LastCheckpoint(ctx.checkpoint_dir, ckpt.get("every_n_train_steps")), RandomState(int(cfg.seed)),
-              RunMetrics(ctx.run_dir), CheckpointContent(identity(cfg))]
+              RunMetrics(ctx.run_dir), CheckpointContent(identity(cfg)), ExportWeights(ctx.run_dir, cfg)]
     if cfg.trainer.get("enable_progress_bar", True):
         built.append(callbacks.TQDMProgressBar(refresh_rate=10))
     return built
