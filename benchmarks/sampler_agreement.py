@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
+from stedm.metrics.features import distances, feature_extractor  # the one offline extractor and KID
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG_SCALE = 1.5
@@ -67,51 +67,10 @@ class Candidate:
 PAPER_DDIM = Candidate("ddim", 128)
 
 
-def feature_extractor() -> nn.Module:
-    """The fixed, seeded feature extractor: ResNet-18 (random weights from seed 0), stem and two
-    stages, global average pooling -> 128 features. Takes [0, 1] images (torchmetrics'
-    ``normalize=True``), so it maps them to [-1, 1] first."""
-    from torchvision.models import resnet18
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = resnet18(weights=None)
-
-    class Features(nn.Module):
-        num_features = 128
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
-
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
-            if images.dtype == torch.uint8:
-                images = images.float() / 255
-            return self.body(images * 2 - 1).mean(dim=(-2, -1)).double()
-
-    return Features().eval()
-
-
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2)."""
     mse = (a.double() - b.double()).pow(2).flatten(1).mean(dim=1)
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-20))
-
-
-def distances(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, subset: int) -> tuple[float, float]:
-    """(KID x 1e3, FD) of ``fake`` to ``real`` (both N x 3 x H x W in [-1, 1]) on ``extractor``'s features."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    kid = KernelInceptionDistance(feature=extractor, subsets=50, subset_size=subset, normalize=True)
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True)
-    for metric in (kid, fid):
-        metric.update((real + 1) / 2, real=True)
-        metric.update((fake + 1) / 2, real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # KID averages over random subsets: the same subsets for every row
-        kid_mean = float(kid.compute()[0])
-    return 1e3 * kid_mean, float(fid.compute())
 
 
 def compose_predict(overrides: tuple[str, ...]):

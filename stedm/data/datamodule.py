@@ -26,6 +26,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
+from stedm.cluster import ignore_scheduler_signals
 from stedm.data.contract import check_sample
 from stedm.data.sampler import MixedEpochSampler, epoch_counts, items_per_process
 from stedm.data.style import StyleSampler, check_compatible
@@ -116,6 +117,26 @@ def build_dataset(data: DictConfig, name: str, split: str, transform=None, style
     return dataset
 
 
+def check_label_spaces(data: DictConfig, names: list[str], datasets: list[Dataset]) -> None:
+    """Refuse a ``*_syn`` entry whose pairs were drawn in another label space than the real
+    (first) entry's masks: ``data.num_classes`` classes, or 2 where the model merges every
+    foreground class (``data.mask_classes`` = 2, e.g. a ``segmenter.binary`` segmenter)."""
+    merged = data.get("mask_classes") == 2
+    real = 2 if merged else int(data.num_classes)
+    for name, dataset in zip(names, datasets):
+        drawn = getattr(dataset, "layout_classes", None)
+        if drawn is None or (2 if merged else int(drawn)) == real:
+            continue
+        raise ValueError(
+            f"data/dataset entry '{name}': the pairs in {dataset.folder} are drawn in a {drawn}-class layout "
+            f"({'background vs any foreground' if drawn == 2 else 'every class'}, as predict_diff.py recorded in its "
+            f"settings), "
+            f"but the real entry '{names[0]}' has {real} classes (data.num_classes={data.num_classes}"
+            f"{', data.mask_classes=' + str(data.mask_classes) if data.get('mask_classes') is not None else ''}); "
+            "mixing them trains on contradicting labels: write the pairs with the data setting's "
+            "data.binary_layout, or train a binary segmenter (segmenter.binary=true segmenter.classes=2)")
+
+
 class SeededItems(Dataset):
     """A dataset addressed by ``(index, seed)`` pairs (:class:`MixedEpochSampler` with ``item_seeds``).
 
@@ -160,6 +181,7 @@ class StedmDataModule(pl.LightningDataModule):
         augment = OmegaConf.to_container(data.get("augment") or {}, resolve=True)
         transform = train_transform(int(data.patch_size), **augment)
         self.train_sets = [build_dataset(data, n, "train", transform, style_sampler) for n in self.names]
+        check_label_spaces(data, self.names, self.train_sets)
         self.eval_sets = {s: build_dataset(data, self.names[0], s) for s in eval_splits}
         verify_files([*self.train_sets, *self.eval_sets.values()], cache_dir)
         self.sampler: MixedEpochSampler | None = None
@@ -189,7 +211,7 @@ class StedmDataModule(pl.LightningDataModule):
         return DataLoader(SeededItems(ConcatDataset(self.train_sets)), batch_size=self.batch_size,
                           sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate,
                           pin_memory=self.pin_memory, drop_last=True, persistent_workers=self.num_workers > 0,
-                          generator=_loader_generator())
+                          generator=_loader_generator(), worker_init_fn=ignore_scheduler_signals)
 
     # -- evaluation -----------------------------------------------------------------------------
     def _eval_loader(self, split: str) -> DataLoader:
@@ -203,7 +225,8 @@ class StedmDataModule(pl.LightningDataModule):
         size = len(self.eval_sets[split])
         units = list(range(rank, size, world)) or [rank % size]
         return DataLoader(self.eval_sets[split], batch_size=1, sampler=units, num_workers=self.num_workers,
-                          collate_fn=collate, pin_memory=self.pin_memory, generator=_loader_generator())
+                          collate_fn=collate, pin_memory=self.pin_memory, generator=_loader_generator(),
+                          worker_init_fn=ignore_scheduler_signals)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

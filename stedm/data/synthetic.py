@@ -20,6 +20,7 @@ from stedm.data.io import read_image, read_mask, require_dir
 PAIR_IMAGE = "img_{:05d}.png"
 PAIR_MASK = "seg_{:05d}.png"
 MANIFEST = "manifest.jsonl"
+SETTINGS = ".stedm_settings.json"  # what predict_diff.py wrote the pairs with (stedm/tasks/predict.py)
 _INDEX = re.compile(r"img_(\d+)\.png$")
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,26 @@ def append_manifest(path: Path, records: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
+def folder_settings(folder: Path) -> dict:
+    """The pair folder's settings as ``predict_diff.py`` wrote them ({} if it has none)."""
+    path = Path(folder) / SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); it records how the pairs were written") from None
+
+
+def layout_classes_of(folder: Path) -> int | None:
+    """Classes of the layout the pairs were drawn in (the masks' label space): the settings'
+    ``layout_classes``; folders written before it was recorded wrote the data's masks as they
+    were (``num_classes``); None when the folder has no settings (pairs made elsewhere)."""
+    settings = folder_settings(folder)
+    value = settings.get("layout_classes", settings.get("num_classes"))
+    return None if value is None else int(value)
+
+
 class SyntheticPairs(SegmentationDataset):
     def __init__(self, name: str, root: str, folder_name: str, split: str = "train", **kwargs) -> None:
         super().__init__(name=name, split=split, **kwargs)
@@ -93,6 +114,7 @@ class SyntheticPairs(SegmentationDataset):
         self.folder = require_dir(Path(root) / str(folder_name), "synthetic pairs",
                                   f"data.dataset.{name}.folder_name")
         self.manifest = read_manifest(self.folder)
+        self.layout_classes = layout_classes_of(self.folder)
         if self.manifest:
             indices = sorted(self.manifest)
         else:

@@ -58,7 +58,8 @@ class StyleDiffusion(pl.LightningModule):
         lr: learning rate (already scaled by batch size and devices in the config).
         num_classes: classes of the masks; used for the one-hot layout when not ``binary_layout``.
         binary_layout: the layout is background (0) vs. the union of all foreground classes, as in
-            STEDM. Pixels marked ``IGNORE_INDEX`` count as background.
+            STEDM (``data.binary_layout``, the one label-space key of a data setting; false: all
+            ``num_classes``). Pixels marked ``IGNORE_INDEX`` count as background.
         noise_schedule: keyword arguments of :func:`stedm.diffusion.schedules.make_scheduler`
             except ``prediction_type`` (defaults: STEDM's scaled_linear 0.0015 -> 0.0205, T = 1000).
         prediction_type: ``epsilon`` (STEDM) or ``v_prediction``.
@@ -123,8 +124,8 @@ class StyleDiffusion(pl.LightningModule):
         if layout_encoder.channel_mapper.in_channels != layout_channels:
             raise ValueError(
                 f"the layout encoder takes {layout_encoder.channel_mapper.in_channels} classes but the layout has "
-                f"{layout_channels} ({'binary layout' if binary_layout else 'num_classes'}); build it with "
-                f"num_classes={layout_channels}")
+                f"{layout_channels} ({'binary layout' if binary_layout else 'num_classes'}, from data.binary_layout); "
+                f"build it with num_classes={layout_channels}")
 
         self.denoiser = denoiser
         self.first_stage = first_stage
@@ -144,15 +145,21 @@ class StyleDiffusion(pl.LightningModule):
     def _trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def layout_classes(self, mask: Tensor) -> Tensor:
+        """Mask B x H x W (class ids, ``IGNORE_INDEX`` = background) -> the class ids of the
+        layout the model is conditioned on (``data.binary_layout``: 0 vs 1 = any foreground);
+        the label space of the pairs ``predict_diff.py`` writes."""
+        classes = mask.masked_fill(mask == IGNORE_INDEX, 0).long()
+        if self.binary_layout:
+            return (classes > 0).long()
+        if int(classes.max()) >= self.layout_channels or int(classes.min()) < 0:
+            raise ValueError(f"mask holds class ids {classes.unique().tolist()} outside 0..{self.layout_channels - 1}; "
+                             "check data.num_classes and data.binary_layout")
+        return classes
+
     def layout_onehot(self, mask: Tensor) -> Tensor:
         """Mask B x H x W (class ids, ``IGNORE_INDEX`` = background) -> one-hot B x C x H x W float."""
-        classes = mask.masked_fill(mask == IGNORE_INDEX, 0)
-        if self.binary_layout:
-            classes = (classes > 0).long()
-        elif int(classes.max()) >= self.layout_channels or int(classes.min()) < 0:
-            raise ValueError(f"mask holds class ids {classes.unique().tolist()} outside 0..{self.layout_channels - 1}; "
-                             "check num_classes")
-        return F.one_hot(classes, self.layout_channels).movedim(-1, 1).float()
+        return F.one_hot(self.layout_classes(mask), self.layout_channels).movedim(-1, 1).float()
 
     def _predict_eps(self, x_t: Tensor, t: Tensor, layout: Tensor, style_vector: Tensor | None = None) -> Tensor:
         output = self.denoiser(torch.cat([x_t, layout], dim=1), t, style_vector)
