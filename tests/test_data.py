@@ -145,4 +145,6 @@ def test_preview_prints_counts_and_writes_a_grid(tmp_path, capsys):
     assert "demo_anno" in printed and "items=4" in printed and "per epoch=64" in printed
     assert "epoch: 192 items = 33% demo_anno + 67% demo_unanno" in printed
     grid = Image.open(out)
-    assert grid.size == (3 * 64, 3 * 64)  # image | overlay | one style image, three rows
+    from stedm.data.preview import TILE
+    # image | overlay | mask | one style image; 3 training + 2 val + 2 test rows, 64-px patches enlarged
+    assert grid.size[0] > 4 * TILE and grid.size[1] > 7 * TILE
