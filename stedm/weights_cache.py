@@ -99,7 +99,7 @@ def ways_forward(name: str, argument: str) -> str:
     return (f"either fetch them once: {FETCH_COMMAND.format(name=name)} (on a cluster: fetch on a login node and "
             f"copy {cache_dir()} to the same place, or set STEDM_WEIGHTS_DIR), or give a local file: "
             f"{argument}=/path/to/weights (.safetensors, or an LDM .ckpt), or train an autoencoder on your own "
-            f"data: python -m stedm.train_first_stage data=... and set {argument}=<its weights.safetensors>")
+            f"data: python -m stedm.train_first_stage data=... and set {argument}=<its run dir>/final.safetensors")
 
 
 def resolve(value: str, argument: str) -> Path:
