@@ -221,6 +221,7 @@ class SlideAnnotations:
         self.polygons = polygons or []
         self.mask = mask
         self.mask_scale = mask_scale  # level-0 px per mask px along (x, y)
+        self.from_cache = False  # set by load_annotations: read from cache_dir, not parsed and rasterised
 
     def rasterise(self, x0: float, y0: float, width: int, height: int, downsample: float) -> np.ndarray:
         """``uint8 height x width`` class ids at ``downsample`` from level-0 ``(x0, y0)``; 255 = unannotated."""
@@ -264,8 +265,11 @@ def load_annotations(source: AnnotationSource, label_dict: Mapping[str, int], sl
     if cached is not None:
         if source.kind == "mask":
             mask = np.load(mask_cache_path(cache_dir, key), mmap_mode="r")
-            return SlideAnnotations(mask=mask, mask_scale=tuple(cached["mask_scale"])), cached["lookup"]
-        return SlideAnnotations(unpack_polygons(cached)), cached["lookup"]
+            annotations = SlideAnnotations(mask=mask, mask_scale=tuple(cached["mask_scale"]))
+        else:
+            annotations = SlideAnnotations(unpack_polygons(cached))
+        annotations.from_cache = True
+        return annotations, cached["lookup"]
     if source.kind == "mask":
         mask = read_label_image(source.path)
         check_mask_values(mask, num_classes, str(source.path))

@@ -51,7 +51,9 @@ patches through :meth:`WSIDataset.read_style_patches`, :meth:`WSIDataset.tissue_
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +61,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from stedm.data.base import Record, SegmentationDataset, check_role
 from stedm.data.contract import IGNORE_INDEX
@@ -79,6 +82,13 @@ from stedm.data.wsi.slide import READERS, SlideReader
 from stedm.data.wsi.table import SlideInfo, read_slide_table, select_labelled
 from stedm.data.wsi.tiles import TileCache
 from stedm.data.wsi.tissue import TissueParams, detect_tissue
+
+log = logging.getLogger(__name__)
+
+
+def progress(items: Sequence, desc: str, unit: str = "slide") -> Any:
+    """A tqdm bar over ``items`` on a terminal (none in logs or for a single item)."""
+    return tqdm(items, desc=desc, unit=unit, leave=False, disable=None if len(items) > 1 else True)
 
 
 class WSIDataset(SegmentationDataset):
@@ -161,9 +171,12 @@ class WSIDataset(SegmentationDataset):
                              "the annotations and class_train_samples)")
         self.slides: list[SlideInfo] = chosen
         self.tile_cache = TileCache(round(tile_cache_mib * 2**20))
-        self.readers = [SlideReader(s.path, slide_reader, self.tile_cache) for s in chosen]
+        log.info("%s: %d %s %s slide(s) of %d listed", where, len(chosen), role, split, len(table))
+        self.readers = [SlideReader(s.path, slide_reader, self.tile_cache)
+                        for s in progress(chosen, f"{where}: opening slides")]
         self.has_subtypes = any(s.subtype for s in table)
         self._tissue: dict[int, PixelSampler] = {}
+        self._tissue_cached: set[int] = set()  # slides whose tissue mask came from cache_dir
 
         self.annotations: list[SlideAnnotations] = []
         self.units: list[tuple[int, Box]] = []
@@ -179,8 +192,12 @@ class WSIDataset(SegmentationDataset):
                     raise ValueError(f"{where}: the {split} slides' annotations cover no pixel")
         needs_tissue = role == "unlabelled" or "slide" in getattr(self.style_sampler, "requires", ())
         if needs_tissue:  # computed here, before DataLoader workers fork, so each worker need not
-            for i in range(len(self.slides)):
+            start = time.perf_counter()
+            for i in progress(range(len(self.slides)), f"{where}: tissue masks"):
                 self.tissue_sampler(i)
+            hits = len(self._tissue_cached)
+            log.info("%s: tissue masks of %d slide(s) in %.1f s (%d from cache, %d detected on thumbnails)",
+                     where, len(self.slides), time.perf_counter() - start, hits, len(self.slides) - hits)
 
     # -- construction helpers -----------------------------------------------------------------
     def _check_label(self, value: int | None, key: str) -> int | None:
@@ -208,7 +225,9 @@ class WSIDataset(SegmentationDataset):
 
     def _load_annotations(self, sources: Sequence[AnnotationSource]) -> list[np.ndarray]:
         lookups, unknown, files = [], set(), []
-        for reader, source in zip(self.readers, sources):
+        begin, hits = time.perf_counter(), 0
+        for reader, source in progress(list(zip(self.readers, sources)), f"{self.where}: annotations"):
+            start = time.perf_counter()
             try:
                 annotations, lookup = load_annotations(source, self.label_dict, reader.dimensions,
                                                        self.annotation_downsample, self.num_classes, self.cache_dir)
@@ -216,8 +235,15 @@ class WSIDataset(SegmentationDataset):
                 unknown |= err.names
                 files.append(str(err.path))
                 continue
+            hits += annotations.from_cache
+            what = "label mask" if annotations.mask is not None else f"{len(annotations.polygons)} polygons"
+            log.info("%s: %s: %s from %s, lookup map %dx%d, %s", self.where, reader.path.name, what,
+                     source.path.name, lookup.shape[1], lookup.shape[0], "from cache" if annotations.from_cache
+                     else f"parsed and rasterised in {time.perf_counter() - start:.1f} s")
             self.annotations.append(annotations)
             lookups.append(lookup)
+        log.info("%s: annotations of %d slide(s) in %.1f s (%d from cache, %d parsed)", self.where, len(lookups),
+                 time.perf_counter() - begin, hits, len(lookups) - hits)
         if unknown:
             raise ValueError(f"{self.where}: annotation class names {sorted(unknown)} are not in data.label_dict "
                              f"(found in {sorted(set(files))[:5]}); add them with their class id, or 255 to drop them")
@@ -316,17 +342,22 @@ class WSIDataset(SegmentationDataset):
             reader, params = self.readers[slide], self.tissue_params
             stat = reader.path.stat()
             key = cache_key("tissue", str(reader.path.resolve()), stat.st_size, stat.st_mtime_ns, asdict(params))
-            cached = load_arrays(self.cache_dir, key)
+            cached, start = load_arrays(self.cache_dir, key), time.perf_counter()
             if cached is not None:
                 mask = cached["tissue"]
             else:
                 mask = detect_tissue(reader.thumbnail(params.downsample), params).astype(np.uint8)
                 save_arrays(self.cache_dir, key, {"tissue": mask})
+            log.info("%s: %s: tissue on %.0f%% of a %dx%d thumbnail, %s", self.where, reader.path.name,
+                     100 * float(mask.mean()) if mask.size else 0.0, mask.shape[1], mask.shape[0],
+                     "from cache" if cached is not None else f"detected in {time.perf_counter() - start:.1f} s")
             if not mask.any():
                 warnings.warn(f"{self.where}: no tissue found on {reader.path.name} (tissue.threshold="
                               f"{params.threshold}); using the whole slide", stacklevel=2)
                 mask = np.ones_like(mask)
             self._tissue[slide] = PixelSampler(mask, (1,), params.downsample)
+            if cached is not None:
+                self._tissue_cached.add(slide)
         return self._tissue[slide]
 
     def tissue_points(self, slide: int, n: int, rng: np.random.Generator) -> np.ndarray:
