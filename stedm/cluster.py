@@ -52,3 +52,111 @@ def cluster_plugins() -> list:
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+# -- DataLoader workers --------------------------------------------------------------------------
+SCHEDULER_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+"""What SLURM sends every process of a job at a time limit, preemption or requeue."""
+
+
+def ignore_scheduler_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every DataLoader: its workers ignore the scheduler's signals, which
+    SLURM sends to every process of a job. They would otherwise run the handlers inherited from the
+    main process (submitit's USR2 requeue, Lightning's SIGTERM), race on submitit's requeue pickle
+    and die, failing the job (submitit #1617, Lightning #20280); only the main process checkpoints
+    and requeues, and it stops its workers itself."""
+    import signal
+
+    for name in SCHEDULER_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+# -- what a SLURM partition can hold -------------------------------------------------------------
+def partition_nodes(partition: str | None) -> list[dict] | None:
+    """The nodes of ``partition`` (None: the default one) as ``sinfo`` reports them: name, CPUs,
+    memory (MB), GPUs. None where SLURM cannot be asked (no ``sinfo``, or it fails)."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G"], capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    nodes, default = {}, None
+    for line in done.stdout.splitlines():
+        name, part, cpus, memory, gres = (line.strip().split("|") + [""] * 5)[:5]
+        if part.endswith("*"):
+            part = default = part[:-1]
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        nodes.setdefault(part, []).append({"name": name, "cpus": int(cpus), "memory_mb": int(memory.rstrip("+")),
+                                           "gpus": gpus})
+    wanted = partition or default
+    if wanted not in nodes:
+        return []
+    return nodes[wanted]
+
+
+def check_partition(launcher) -> None:
+    """Refuse, before anything is submitted, a SLURM request the partition can never satisfy (it
+    would stay PENDING for ever): more nodes, or per node more CPUs, memory or GPUs than its largest
+    node has. Asks ``sinfo``; does nothing where SLURM cannot be reached."""
+    partition = launcher.get("partition")
+    nodes = partition_nodes(partition)
+    if nodes is None:
+        return
+    where = f"partition {partition}" if partition else "the default partition"
+    if not nodes:
+        raise ValueError(f"hydra/launcher=slurm: sinfo knows no {where}; set location.slurm.partition to one of "
+                         f"`sinfo -s`")
+    fix = "lower it (location.slurm.* or the location's devices) or choose a partition with larger nodes " \
+          "(location.slurm.partition)"
+    tasks = int(launcher.get("tasks_per_node") or 1)
+    largest = {key: max(node[key] for node in nodes) for key in ("cpus", "memory_mb", "gpus")}
+    if int(launcher.get("nodes") or 1) > len(nodes):
+        raise ValueError(f"hydra.launcher.nodes={launcher.nodes} (location.num_nodes) but {where} has "
+                         f"{len(nodes)} node(s); {fix}")
+    cpus = tasks * int(launcher.get("cpus_per_task") or 1)
+    if cpus > largest["cpus"]:
+        raise ValueError(f"a job asks for {cpus} CPUs per node (hydra.launcher.cpus_per_task="
+                         f"{launcher.get('cpus_per_task')} = location.slurm.cpus_per_task, x {tasks} tasks) but the "
+                         f"largest node of {where} has {largest['cpus']}; {fix}")
+    if launcher.get("mem_gb") is not None and int(launcher.mem_gb) * 1024 > largest["memory_mb"]:
+        raise ValueError(f"a job asks for {launcher.mem_gb} GB per node (location.slurm.mem_gb) but the largest "
+                         f"node of {where} has {largest['memory_mb'] // 1024} GB; {fix}")
+    gpus = int(launcher.get("gpus_per_node") or 0)
+    if gpus > largest["gpus"]:
+        raise ValueError(f"a job asks for {gpus} GPUs per node (hydra.launcher.gpus_per_node = "
+                         f"location.slurm.gpus_per_node) but {where} has at most {largest['gpus']}; for CPU jobs use "
+                         f"location=cluster_cpu, else {fix}")
+
+
+# -- submission errors ---------------------------------------------------------------------------
+def report_submission_errors(sweep_dir) -> None:
+    """In the launching process of a ``hydra/launcher=slurm`` sweep: when submitit cannot submit a
+    batch of jobs (an ``sbatch`` refusal, e.g. an invalid GPU request), each of them is FAILED in the
+    sweep summary with sbatch's message before the error ends the sweep. (Hydra takes launchers only
+    from its ``hydra_plugins`` package, so this wraps submitit's submission instead of subclassing
+    the launcher.)"""
+    import submitit
+
+    from stedm.hydra_callbacks import record_submission_error
+
+    submit = getattr(submitit.AutoExecutor.map_array, "__wrapped__", submitit.AutoExecutor.map_array)
+
+    def map_array(executor, *args, **kwargs):
+        try:
+            return submit(executor, *args, **kwargs)
+        except Exception as error:
+            # hydra_submitit_launcher maps (launcher, overrides, "hydra.sweep.dir", job numbers, ...)
+            jobs = [int(job) for job in args[3]] if len(args) > 3 else None
+            record_submission_error(sweep_dir, jobs, error)
+            raise
+
+    map_array.__wrapped__ = submit
+    submitit.AutoExecutor.map_array = map_array

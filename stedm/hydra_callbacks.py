@@ -6,12 +6,16 @@
   that says what to change, when two jobs would share a run name (and so checkpoints), or when
   a job's processes disagree with the launcher: a submitit launcher must start one task per DDP
   rank (``tasks_per_node`` = ``location.devices``, ``nodes`` = ``location.num_nodes``, and the
-  GPUs to match), and Hydra's basic launcher cannot start DDP processes at all;
+  GPUs to match), and Hydra's basic launcher cannot start DDP processes at all; a job asking
+  for GPUs, or an NCCL backend, on a location without them; and, where ``sinfo`` answers, a SLURM
+  request the partition can never satisfy (:func:`stedm.cluster.check_partition`);
 - in every job, global rank zero writes ``sweep_job.json`` in the job's directory (overrides,
   run name, status, attempts, final metrics from ``run_metrics.json``);
 - writes ``sweep_summary.csv`` at the sweep root: one row per planned job (number, status, the
   swept overrides and all of them, main metric, run name, directory, error), rewritten as jobs
-  finish and when the sweep ends (also when it ends with an error).
+  finish and when the sweep ends (also when it ends with an error). A job SLURM refused to take
+  (an ``sbatch`` error) is FAILED with sbatch's message; ``minutes`` and ``attempts`` count every
+  attempt of a requeued job.
   ``python -m stedm.hydra_callbacks SWEEP_DIR`` rewrites it later, e.g. once the jobs of a
   SLURM sweep whose launcher was stopped have finished.
 """
@@ -31,7 +35,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from stedm.cluster import is_rank_zero_process
+from stedm.cluster import check_partition, is_rank_zero_process, report_submission_errors
 from stedm.resume import WITHOUT_CHECKPOINTS, check_run_start
 
 PLAN = "sweep_plan.json"
@@ -52,6 +56,8 @@ class SweepCallback(Callback):
         if planned is not None:
             try:
                 check_jobs(config.hydra.launcher, planned)
+                if _is_slurm(config.hydra.launcher):
+                    check_partition(config.hydra.launcher)
             except ValueError as error:
                 # Hydra turns a callback's exceptions into warnings; exiting stops the sweep.
                 raise SystemExit(f"Error: {error}") from error
@@ -62,6 +68,8 @@ class SweepCallback(Callback):
         plan = {"main_metric": config.get("main_metric"), "swept": swept_keys([j["overrides"] for j in jobs]),
                 "jobs": jobs}
         (self.sweep_dir / PLAN).write_text(json.dumps(plan, indent=1))
+        if _is_slurm(config.hydra.launcher):
+            report_submission_errors(self.sweep_dir)
         write_summary(self.sweep_dir)
         atexit.register(self._final_summary)  # also when a failed job ends the sweep with an error
 
@@ -79,11 +87,13 @@ class SweepCallback(Callback):
             return
         path = _job_dir(config) / JOB_RECORD
         earlier = json.loads(path.read_text()) if path.is_file() else {}
+        attempt = earlier.get("attempts", 0) + 1
         _write_json(path, {
             "job": int(config.hydra.job.num), "overrides": list(config.hydra.overrides.task),
-            "run_name": config.get("run_name"), "status": "RUNNING", "attempts": earlier.get("attempts", 0) + 1,
-            "started": time.time(), "host": socket.gethostname(), "slurm_job_id": _slurm_job_id(),
-            "output_dir": str(_job_dir(config))})
+            "run_name": config.get("run_name"), "status": "RUNNING", "attempts": attempt,
+            "earlier_seconds": _seconds(earlier), "started": time.time(), "host": socket.gethostname(),
+            "slurm_job_id": _slurm_job_id(), "output_dir": str(_job_dir(config))})
+        atexit.register(_stamp_exit, path, attempt)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from stedm.callbacks import RUN_METRICS
@@ -101,6 +111,38 @@ class SweepCallback(Callback):
             record["error"] = f"{type(error).__name__}: {error}"
         _write_json(path, record)
         write_summary(Path(str(config.hydra.sweep.dir)).absolute())
+
+
+def _seconds(record: dict) -> float:
+    """The time of every attempt a job record counts (the current one once it ended)."""
+    started, ended = record.get("started"), record.get("ended")
+    last = ended - started if started and ended and ended >= started else 0.0
+    return record.get("earlier_seconds", 0.0) + last
+
+
+def _stamp_exit(path: Path, attempt: int) -> None:
+    """At exit of a job process: an attempt that ended without ``on_job_end`` (submitit requeued it
+    at a time limit or preemption and exited) is INTERRUPTED, its time counted."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("attempts") == attempt and record.get("status") == "RUNNING" and not record.get("ended"):
+        record.update(status="INTERRUPTED", ended=time.time(),
+                      error="exited at a scheduler signal (time limit or preemption); requeued, it continues from "
+                            "its checkpoint")
+        _write_json(path, record)
+        write_summary(path.parent.parent)
+
+
+def record_submission_error(sweep_dir: Path, jobs, error: BaseException) -> None:
+    """The launcher could not submit ``jobs`` (e.g. sbatch refused them): each is FAILED in the
+    summary with the submitter's message."""
+    path = Path(sweep_dir) / PLAN
+    plan = json.loads(path.read_text()) if path.is_file() else {"jobs": []}
+    message = " ".join(str(error).split()) or type(error).__name__
+    if jobs is None:
+        jobs = [job["job"] for job in plan["jobs"]]
+    plan.setdefault("submission_errors", {}).update({str(job): f"not submitted: {message}" for job in jobs})
+    _write_json(path, plan)
+    write_summary(Path(sweep_dir))
 
 
 def record_interrupted(reason: str) -> None:
@@ -172,7 +214,15 @@ def check_processes(launcher: DictConfig, job: DictConfig, where: str) -> None:
     location = job.location
     target = str(launcher.get("_target_", ""))
     devices, nodes = location.devices, int(location.num_nodes)
-    if target.endswith("submitit_launcher.SlurmLauncher"):
+    gpus_asked = int(launcher.get("gpus_per_node") or 0) if _is_slurm(launcher) else 0
+    if not uses_cuda(location) and gpus_asked:
+        raise ValueError(f"{where}: location.accelerator={location.accelerator} runs on CPUs but "
+                         f"hydra.launcher.gpus_per_node={gpus_asked} asks the scheduler for GPUs; use "
+                         "location=cluster_cpu, or set location.slurm.gpus_per_node=null")
+    if str(location.get("backend")) == "nccl" and not uses_cuda(location):
+        raise ValueError(f"{where}: location.backend=nccl needs GPUs but location.accelerator={location.accelerator}; "
+                         "set location.backend=null (nccl on GPUs, gloo on CPUs) or location.backend=gloo")
+    if _is_slurm(launcher):
         if not isinstance(devices, int):
             raise ValueError(f"{where}: hydra/launcher=slurm starts one task per device and needs location.devices "
                              f"as a number, got {devices!r} (location={location.name}); use location=cluster or set "
@@ -204,6 +254,10 @@ def swept_keys(jobs: list[list[str]]) -> list[str]:
             key, _, value = override.partition("=")
             values.setdefault(key, set()).add(value)
     return sorted(key for key, seen in values.items() if len(seen) > 1)
+
+
+def _is_slurm(launcher: DictConfig) -> bool:
+    return str(launcher.get("_target_", "")).endswith(".SlurmLauncher")
 
 
 def _compare(where: str, launcher_key: str, launcher_value: Any, job_key: str, job_value: Any) -> None:
@@ -250,6 +304,7 @@ def write_summary(sweep_dir: Path) -> Path:
 
     sweep_dir = Path(sweep_dir)
     plan = json.loads((sweep_dir / PLAN).read_text()) if (sweep_dir / PLAN).is_file() else {"jobs": []}
+    failed_submissions = plan.get("submission_errors", {})
     records = {}
     for path in sweep_dir.glob(f"*/{JOB_RECORD}"):
         record = json.loads(path.read_text())
@@ -259,7 +314,8 @@ def write_summary(sweep_dir: Path) -> Path:
         planned = next((j for j in plan["jobs"] if j["job"] == job), {})
         record = records.get(job, {})
         metric, value = main_metric(record.get("metrics", {}), plan.get("main_metric"))
-        started, ended = record.get("started"), record.get("ended")
+        if not record and str(job) in failed_submissions:
+            record = {"status": "FAILED", "error": failed_submissions[str(job)]}
         overrides = record.get("overrides") or planned.get("overrides", [])
         rows.append({
             "job": job, "status": record.get("status", "PENDING"),
@@ -267,7 +323,7 @@ def write_summary(sweep_dir: Path) -> Path:
             "overrides": " ".join(overrides),
             "metric": metric, "value": value, "run_name": record.get("run_name") or planned.get("run_name"),
             "attempts": record.get("attempts", 0),
-            "minutes": round((ended - started) / 60, 2) if started and ended else None,
+            "minutes": round(_seconds(record) / 60, 2) if record.get("ended") else None,
             "output_dir": record.get("output_dir"), "slurm_job_id": record.get("slurm_job_id"),
             "error": record.get("error")})
     path = sweep_dir / SUMMARY

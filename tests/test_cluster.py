@@ -61,7 +61,7 @@ def fake_slurm(tmp_path: Path) -> dict:
     which stays in the sweep's .submitit folder, and nothing reaches a cluster."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("sbatch", "srun"):
+    for tool in ("sbatch", "srun", "sinfo"):  # sinfo failing: the partition check is skipped, as without SLURM
         (bin_dir / tool).write_text("#!/bin/sh\necho 'no cluster here' >&2\nexit 1\n")
         (bin_dir / tool).chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
