@@ -151,4 +151,5 @@ def pair_folder_sheet(folder: str | Path, out: str | Path | None = None, limit: 
         label = f"pair {i}\nlayout {record.get('layout_case', '?')}\nstyle {record.get('style_case', '?')}"
         labels.append(label + (f"\n{notes[i]}" if notes and i in notes else ""))
     return contact_sheet(rows, columns, labels, names, folder / SHEET if out is None else out,
-                         title=f"{folder.name}: {len(indices)} of {len(manifest) or len(indices)} pairs")
+                         title=f"{len(indices)} of {len(manifest) or len(indices)} pairs, "
+                               f"layout in {n} classes")
