@@ -192,16 +192,21 @@ def check_identity(cfg: DictConfig, path: Path) -> None:
 
 
 def check_writable(directory: Path, key: str) -> None:
-    """Create ``directory`` if needed and prove a file can be written there (as root, permission
-    bits are no proof: a read-only mount is found only by trying)."""
+    """Prove a file can be written in ``directory`` (or, if it does not exist yet, in its nearest
+    existing parent, which creates nothing): as root, permission bits are no proof, a read-only
+    mount is found only by trying."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{uuid.uuid4().hex}"
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(existing))
+        probe = existing / f".write-test-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise PermissionError(f"{directory} cannot be written ({error.strerror or error}); set {key} to a folder "
-                              "you can write") from error
+        raise PermissionError(f"{directory} cannot be written ({error.strerror or error}: {existing}); set {key} "
+                              "to a folder you can write") from error
 
 
 # -- Hydra ----------------------------------------------------------------------------------------
