@@ -13,6 +13,7 @@ DEMO := preset=tiny location.result_dir=results/demo location.data_dir=results/d
 export OMP_NUM_THREADS ?= 1
 DIFF_RUN := demo-demo_anno-augmented-mean-tiny-k4-seed0
 SSL_RUN := demo-demo_unanno_demo_anno-tiny-seed0
+SEG_RUN := demo-demo_anno-tiny-k4-seed0
 
 .PHONY: install test demo clean-demo
 
@@ -32,6 +33,7 @@ demo: $(STAMP)
 	$(BIN)/python train_diff.py $(DEMO)
 	$(BIN)/python predict_diff.py $(DEMO) +ckpt_name=$(DIFF_RUN) +predict_dir=demo_syn num_pairs=64
 	$(BIN)/python train_seg.py $(DEMO)
+	$(BIN)/python -m stedm.qc results/demo/data/syn_data/demo_syn --segmenter results/demo/runs/train_seg/$(SEG_RUN)
 	$(BIN)/python train_seg.py $(DEMO) 'data/dataset=[demo_anno,demo_syn]' data.ratios=[0.5,0.5] data.dataset.demo_syn.folder_name=demo_syn
 	$(BIN)/python pretrain_ssl.py $(DEMO)
 	$(BIN)/python finetune_ssl.py $(DEMO) pretrained=results/demo/runs/pretrain_ssl/$(SSL_RUN)/pretrained_unet.pt
