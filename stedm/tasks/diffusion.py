@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "stedm_model_config"
 CHOICES_KEY = "stedm_choices"  # the resolved style_agg, style_sampling, preset and diffusion of the run
 CHOICES = ("style_agg", "style_sampling", "preset", "diffusion")
+FIRST_STAGE_KEY = "stedm_first_stage"  # the architecture of the trained model's first stage (its weights are in state_dict)
 
 
 def model_config(cfg: DictConfig) -> DictConfig:
@@ -50,9 +51,26 @@ class StoreModelConfig(pl.Callback):
             key: OmegaConf.to_container(choices[key], resolve=True) for key in CHOICES}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from stedm.models.first_stage import DiffusersFirstStage, architecture
+
         checkpoint[CONFIG_KEY] = self.config
         if self.choices is not None:
             checkpoint[CHOICES_KEY] = self.choices
+        if isinstance(getattr(module, "first_stage", None), DiffusersFirstStage):
+            checkpoint[FIRST_STAGE_KEY] = architecture(module.first_stage.model)
+
+
+def prediction_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The stored model config to rebuild the model for prediction: its first stage built from the
+    architecture the checkpoint records, without reading ``weights_path`` (the checkpoint's
+    state_dict holds the first-stage weights, so the cache or file it was trained from need not
+    exist any more). Checkpoints written before the architecture was recorded keep their config."""
+    config = checkpoint[CONFIG_KEY]
+    stored, built = config.get("first_stage") or {}, checkpoint.get(FIRST_STAGE_KEY)
+    if built is None or stored.get("kind") == "identity":
+        return config
+    first_stage = {"_target_": "stedm.models.first_stage.build_first_stage", "kind": built["kind"], **built["config"]}
+    return {**config, "first_stage": first_stage}
 
 
 RANDOM_OPT_IN = "diffusion.first_stage.allow_random=true"

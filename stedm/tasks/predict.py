@@ -40,7 +40,7 @@ from stedm.diffusion.sampling import SAMPLERS, sample
 from stedm.models.style import null_style_like
 from stedm.models.weights import load_safely, sha256_of
 from stedm.run import prepare, resolve_precision
-from stedm.tasks.diffusion import CHOICES_KEY, CONFIG_KEY, build_model, check_random_first_stage
+from stedm.tasks.diffusion import CHOICES_KEY, CONFIG_KEY, build_model, check_random_first_stage, prediction_config
 
 log = logging.getLogger(__name__)
 RANK_MANIFEST = "manifest.rank{}.jsonl"  # the records of rank > 0, until rank zero merges them
@@ -131,8 +131,9 @@ def check_targets(config: Any, trusted: list[str] | tuple[str, ...], path: Path,
 
 def load_model(checkpoint: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the model from the config that train_diff.py stored in the checkpoint, load it,
-    and put its EMA weights in place (the weights it samples with) for good."""
-    model = build_model(checkpoint[CONFIG_KEY], lr=None)
+    and put its EMA weights in place (the weights it samples with) for good. The first stage's
+    weights come from the checkpoint, not from its ``weights_path`` (:func:`prediction_config`)."""
+    model = build_model(prediction_config(checkpoint), lr=None)
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)
     return model.bake_ema().eval()
