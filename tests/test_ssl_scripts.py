@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from stedm.models.cards import read_card
 from stedm.models.ssl_unet import load_pretrained_unet
+from stedm.models.weights import read_state_dict
 from stedm.tasks.segmentation import train_segmentation
 from stedm.tasks.ssl import pretrain
 
@@ -21,6 +23,14 @@ def test_pretrain_then_finetune_and_the_scratch_baseline(compose_cfg):
     pretrain(cfg)
     weights = Path(cfg.location.result_dir) / "runs" / "pretrain_ssl" / cfg.run_name / "pretrained_unet.pt"
     assert weights.is_file()
+    run = weights.parent  # the same weight sets as safetensors + card; the run export is the EMA
+    for which in ("ema", "live"):
+        a, b = load_pretrained_unet(weights, which)[1], load_pretrained_unet(run / "pretrained_unet.safetensors", which)[1]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final, card = read_state_dict(run / "final.safetensors"), read_card(run / "final.safetensors")
+    assert card["weights_set"] == "ema" and card["model"]["ssl_unet"] == load_pretrained_unet(weights)[0]
+    ema = load_pretrained_unet(weights, "ema")[1]
+    assert all(torch.equal(final[f"net.{k}"], v) for k, v in ema.items())
 
     finetune = compose_cfg("finetune_ssl", [*TINY, "trainer.max_epochs=1", f"pretrained={weights}"])
     net = instantiate(finetune.model.net)

@@ -9,6 +9,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from stedm.models.cards import card_path, read_card
 from stedm.models.ssl_unet import (
     LEGACY_FORMAT,
     LinearAttention,
@@ -187,3 +188,26 @@ def test_export_holds_ema_and_live_weights_and_fine_tuning_chooses(tmp_path, cap
     assert f"pretrained={old} holds one weight set (ema, an older export)" in caplog.text
     with pytest.raises(ValueError, match="holds only the ema weights.*use pretrained_weights=ema"):
         build_ssl_segmenter(2, preset="tiny", pretrained_path=old, pretrained_weights="live")
+
+
+def test_safetensors_export_holds_both_sets_with_a_card_and_refuses_a_changed_copy(tmp_path):
+    torch.manual_seed(0)
+    ema, live = build_ssl_unet("tiny"), build_ssl_unet("tiny")
+    path = tmp_path / "pretrained_unet.safetensors"
+    save_pretrained_unet(path, ema.config, ema.state_dict(), live=live.state_dict())
+    card = read_card(path)
+    assert card["model"]["ssl_unet"] == ema.config and card["weight_sets"] == ["ema", "live"]
+    for name, source in (("ema", ema), ("live", live)):
+        config, state = load_pretrained_unet(path, name)
+        assert config == source.config and state.keys() == source.state_dict().keys()
+        assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
+    chosen = build_ssl_segmenter(2, preset="tiny", pretrained_path=path, pretrained_weights="live").unet
+    assert chosen.mid_res1.conv1.weight.equal(live.mid_res1.conv1.weight)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"pretrained=.*sha256 differs"):
+        load_pretrained_unet(path)
+    card_path(path).unlink()
+    with pytest.raises(ValueError, match=r"pretrained=.* no model card describing an SSL U-Net .*missing"):
+        load_pretrained_unet(path)

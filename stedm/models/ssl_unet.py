@@ -289,20 +289,49 @@ def build_ssl_unet(preset: str = "default", **overrides: Any) -> SSLUNet:
 #: and the live (last optimizer step) weights; ``pretrained_weights`` chooses one at fine-tuning.
 WEIGHT_SETS = ("ema", "live")
 EXPECTED_FILE = ("the pretrained_unet.pt that pretrain_ssl.py writes into its run directory "
-                 "(<location.result_dir>/runs/pretrain_ssl/<run_name>/pretrained_unet.pt)")
+                 "(<location.result_dir>/runs/pretrain_ssl/<run_name>/pretrained_unet.pt, or "
+                 "pretrained_unet.safetensors with its card beside it)")
 
 
 def save_pretrained_unet(path: str | Path, config: dict[str, Any], ema: dict[str, torch.Tensor],
                          live: dict[str, torch.Tensor] | None = None) -> None:
     """Write the pretrained denoiser atomically to ``path``: constructor ``config`` and its weight
-    sets, the ``ema`` weights and (if given) the ``live`` ones."""
+    sets, the ``ema`` weights and (if given) the ``live`` ones. ``.safetensors``: the tensors as
+    ``ema.<name>`` / ``live.<name>`` with a model card beside it (:mod:`stedm.models.cards`: the
+    config under ``model.ssl_unet``, the sets under ``weight_sets``); any other suffix: a
+    ``torch.save`` file of format :data:`PRETRAINED_FORMAT`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     sets = {"ema": ema} if live is None else {"ema": ema, "live": live}
     weights = {name: {k: v.detach().to("cpu", copy=True) for k, v in state.items()} for name, state in sets.items()}
+    if path.suffix == ".safetensors":
+        from stedm.models.cards import write_weights
+
+        tensors = {f"{name}.{k}": v for name, state in weights.items() for k, v in state.items()}
+        write_weights(path, tensors, {"task": "pretrain_ssl", "model": {"ssl_unet": dict(config)},
+                                      "weight_sets": list(weights)}, overwrite=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": PRETRAINED_FORMAT, "config": dict(config), "weights": weights}, tmp)
     tmp.replace(path)
+
+
+def _read_safetensors_export(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` export: its card must describe an SSL U-Net; the weights must match the card."""
+    from stedm.models.cards import card_path, read_card
+    from stedm.models.weights import read_state_dict
+
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained={path}: no such file; expected {EXPECTED_FILE}")
+    card = read_card(path)
+    config = ((card or {}).get("model") or {}).get("ssl_unet")
+    if config is None:
+        raise ValueError(f"pretrained={path} has no model card describing an SSL U-Net ({card_path(path).name}: "
+                         f"{'missing' if card is None else 'task ' + repr(card.get('task'))}); expected {EXPECTED_FILE}")
+    tensors = read_state_dict(path, "pretrained")
+    weights = {name: {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+               for name in card.get("weight_sets") or ["ema"]}
+    return {"config": config, "weights": weights}
 
 
 def _read_export(path: Path) -> dict[str, Any]:
@@ -329,7 +358,7 @@ def load_pretrained_unet(path: str | Path, weights: str = "ema") -> tuple[dict[s
     if weights not in WEIGHT_SETS:
         raise ValueError(f"pretrained_weights={weights} is unknown; choose one of {', '.join(WEIGHT_SETS)}")
     path = Path(path)
-    payload = _read_export(path)
+    payload = _read_safetensors_export(path) if path.suffix == ".safetensors" else _read_export(path)
     sets = payload["weights"] if "weights" in payload else {"ema": payload["state_dict"]}
     if weights not in sets:
         raise ValueError(f"pretrained={path} holds only the {', '.join(sets)} weights (an export written before "

@@ -12,6 +12,9 @@ Outputs written into ``trainer.default_root_dir`` (global rank zero only):
 - ``pretrained_unet.pt``: the denoiser's constructor arguments and both weight sets, the EMA
   and the live weights, rewritten at every checkpoint and at the end of fit;
   :func:`stedm.models.ssl_unet.build_ssl_segmenter` reads it (``pretrained_weights`` chooses);
+  ``pretrained_unet.safetensors`` holds the same with a model card (either is a ``pretrained``);
+- ``final.safetensors`` (:class:`stedm.callbacks.ExportWeights`, at the end of a finished fit):
+  the module's weights with the EMA in place of the denoiser's live ones (card: ``weights_set: ema``);
 - ``samples/epoch_XXX.png`` every ``sample_every_n_epochs`` epochs: one row per sample, columns
   from pure noise (left) to the final image (right) of a trajectory of the EMA model, always
   from the same noise so that epochs compare.
@@ -39,6 +42,7 @@ from stedm.diffusion.weighting import LossWeighting
 from stedm.models.ssl_unet import save_pretrained_unet, set_attention
 
 PRETRAINED_FILENAME = "pretrained_unet.pt"
+PRETRAINED_SAFETENSORS = "pretrained_unet.safetensors"  # the same two weight sets, with a model card
 
 
 class SSLPretrainer(pl.LightningModule):
@@ -180,8 +184,18 @@ class SSLPretrainer(pl.LightningModule):
 
     def _write_pretrained(self) -> None:
         if self.trainer.is_global_zero:
-            path = Path(self.trainer.default_root_dir) / PRETRAINED_FILENAME
-            save_pretrained_unet(path, self.net.config, self.ema_state_dict(), live=self.net.state_dict())
+            root, ema, live = Path(self.trainer.default_root_dir), self.ema_state_dict(), self.net.state_dict()
+            for name in (PRETRAINED_FILENAME, PRETRAINED_SAFETENSORS):
+                save_pretrained_unet(root / name, self.net.config, ema, live=live)
+
+    # -- export (stedm.callbacks.ExportWeights): the EMA weights, as sampling and fine-tuning use
+    def export_state_dict(self) -> tuple[dict[str, torch.Tensor], str]:
+        ema = self.ema_state_dict()
+        return {k: (ema[k[len("net."):]] if k.startswith("net.") else v).detach().clone()
+                for k, v in self.state_dict().items()}, "ema"
+
+    def export_card(self) -> dict[str, Any]:
+        return {"model": {"ssl_unet": dict(self.net.config)}}
 
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
