@@ -111,6 +111,12 @@ class SweepCallback(Callback):
             record["error"] = f"{type(error).__name__}: {error}"
         _write_json(path, record)
         write_summary(Path(str(config.hydra.sweep.dir)).absolute())
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            # The job's work is done: a time-limit signal arriving now must neither requeue it nor,
+            # once submitit's handler is gone at exit, kill it (SLURM would record it FAILED).
+            import signal
+
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def _seconds(record: dict) -> float:
