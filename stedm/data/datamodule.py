@@ -184,6 +184,8 @@ class StedmDataModule(pl.LightningDataModule):
         check_label_spaces(data, self.names, self.train_sets)
         self.eval_sets = {s: build_dataset(data, self.names[0], s) for s in eval_splits}
         verify_files([*self.train_sets, *self.eval_sets.values()], cache_dir)
+        self.cache_dir = cache_dir
+        self.latent_store = None  # data.cache_latents: built at setup("fit") (stedm.data.latent_cache)
         self.sampler: MixedEpochSampler | None = None
         self._pending_state: dict | None = None
 
@@ -200,6 +202,10 @@ class StedmDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":  # now the number of processes is known
             check_epoch(self.data, self.batch_size, self._rank_world()[1])
+            if self.data.get("cache_latents") and self.latent_store is None:
+                from stedm.data.latent_cache import attach
+
+                attach(self, self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
@@ -208,7 +214,12 @@ class StedmDataModule(pl.LightningDataModule):
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)
             self._pending_state = None
-        return DataLoader(SeededItems(ConcatDataset(self.train_sets)), batch_size=self.batch_size,
+        train_sets = self.train_sets
+        if self.latent_store is not None:
+            from stedm.data.latent_cache import WithLatents
+
+            train_sets = [WithLatents(d, self.latent_store) for d in train_sets]
+        return DataLoader(SeededItems(ConcatDataset(train_sets)), batch_size=self.batch_size,
                           sampler=self.sampler, num_workers=self.num_workers, collate_fn=collate,
                           pin_memory=self.pin_memory, drop_last=True, persistent_workers=self.num_workers > 0,
                           generator=_loader_generator(), worker_init_fn=ignore_scheduler_signals)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from stedm.data.contract import IGNORE_INDEX, tensor_to_image
+from stedm.data.latent_cache import training_latents
 from stedm.diffusion.guidance import GUIDANCE_MODES, guided_model_fn, guided_pair_fn
 from stedm.diffusion.sampling import SAMPLERS, Progress, noise_for_indices, sample
 from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
@@ -185,8 +186,7 @@ class StyleDiffusion(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        with torch.no_grad():
-            latents = self.first_stage.encode(batch["image"])
+        latents = training_latents(self.first_stage, batch)  # cached (data.cache_latents) or encoded now
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
