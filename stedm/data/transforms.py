@@ -9,8 +9,32 @@ import cv2
 import numpy as np
 
 
+class HEDJitter(A.ImageOnlyTransform):
+    """Tellez et al.'s HED stain jitter of the image (the demo's stain simulation, one draw per
+    patch): each stain channel ``s -> alpha * s + beta``, ``alpha ~ U(1 - sigma, 1 + sigma)``,
+    ``beta ~ U(-sigma, sigma)`` (:func:`stedm.data.demo._hed_draw`, :func:`stedm.metrics.stain.hed_perturb`)."""
+
+    def __init__(self, sigma: float, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.sigma = float(sigma)
+
+    def get_params_dependent_on_data(self, params, data):
+        from stedm.data.demo import _hed_draw
+
+        alpha, beta = _hed_draw(self.random_generator, self.sigma)
+        return {"alpha": alpha, "beta": beta}
+
+    def apply(self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params) -> np.ndarray:
+        from stedm.metrics.stain import hed_perturb
+
+        return hed_perturb(img, alpha, beta)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("sigma",)
+
+
 def train_transform(patch_size: int, flips: bool = True, rotate90: bool = True, color_jitter: float = 0.0,
-                    blur: float = 0.0) -> A.Compose:
+                    blur: float = 0.0, hed_jitter: float = 0.0) -> A.Compose:
     """Random ``patch_size`` crop (reflect-padded when the image is smaller) + light augmentation.
 
     Orientation, each choice equally likely (image, mask and instances get the same one):
@@ -21,7 +45,9 @@ def train_transform(patch_size: int, flips: bool = True, rotate90: bool = True, 
     - neither: the patch keeps its orientation.
 
     ``color_jitter`` and ``blur`` are probabilities of image-only photometric changes
-    (GenSelfDiff's fine-tuning uses both); masks only see the geometric ones. Seed the pipeline
+    (GenSelfDiff's fine-tuning uses both); masks only see the geometric ones. ``hed_jitter`` is
+    the sigma of a HED stain jitter of every patch (:class:`HEDJitter`; 0.2 = Tellez et al.'s
+    "HED-strong", the demo's lab-to-lab stain shift; 0 = off), the stain-augmentation baseline. Seed the pipeline
     with :func:`seed_transform`, which keeps its random steps independent of each other.
     """
     steps = [
@@ -38,6 +64,10 @@ def train_transform(patch_size: int, flips: bool = True, rotate90: bool = True, 
         steps.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=color_jitter))
     if blur > 0:
         steps.append(A.GaussianBlur(blur_limit=(3, 5), p=blur))
+    if hed_jitter < 0:
+        raise ValueError(f"data.augment.hed_jitter={hed_jitter}: the HED jitter's sigma must be >= 0 (0 = off)")
+    if hed_jitter > 0:
+        steps.append(HEDJitter(hed_jitter))
     return A.Compose(steps)
 
 
