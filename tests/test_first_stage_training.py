@@ -3,6 +3,7 @@ identity-like model, and the export plugging into diffusion.first_stage.weights_
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import compose_in
@@ -47,3 +48,42 @@ def test_resume_is_exact(tmp_path, caplog):
     a = read_state_dict(tmp_path / "a" / "results" / "runs" / "train_first_stage" / whole.run_name / "final.safetensors")
     b = read_state_dict(split / "results" / "runs" / "train_first_stage" / whole.run_name / "final.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_discriminator_starts_late_and_resume_is_exact(tmp_path):
+    gan = [*TRAIN, "model.disc_weight=0.5", "model.disc_start=1", "model.disc_channels=8", "model.disc_layers=2"]
+    whole = compose_in(tmp_path / "a", "train_first_stage", [*gan, "trainer.max_steps=4"])
+    trainer = train_first_stage(whole)
+    assert len(trainer.optimizers[0].param_groups) == 2  # autoencoder, discriminator
+    assert {"train/g_loss", "train/d_loss", "train/d_weight"} <= set(trainer.callback_metrics)
+    split = tmp_path / "b"
+    train_first_stage(compose_in(split, "train_first_stage", [*gan, "trainer.max_steps=2"]))  # discriminator on from step 1
+    ckpt = split / "results" / "checkpoints" / whole.run_name / "last.ckpt"
+    first = torch.load(ckpt, weights_only=True)["state_dict"]
+    trained = trainer.lightning_module.discriminator.state_dict()  # the whole run's, 2 steps further
+    assert any(not torch.equal(first[f"discriminator.{k}"], v) for k, v in trained.items() if v.is_floating_point())
+    train_first_stage(compose_in(split, "train_first_stage", [*gan, "trainer.max_steps=4"]))
+    a = torch.load(tmp_path / "a" / "results" / "checkpoints" / whole.run_name / "last.ckpt", weights_only=True)
+    b = torch.load(ckpt, weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert any(k.startswith("discriminator.") for k in a["state_dict"])
+
+
+def test_lpips_only_from_a_local_file(tmp_path):
+    from torchmetrics.functional.image.lpips import _LPIPS
+
+    from stedm.modules.first_stage import load_lpips
+
+    with pytest.raises(FileNotFoundError, match="model.lpips_weights"):
+        load_lpips(str(tmp_path / "missing.safetensors"))
+    full = _LPIPS(pretrained=False, net="vgg", pnet_rand=True).state_dict()
+    torch.save({k: v for k, v in full.items() if k.startswith("lin")}, tmp_path / "lin.pth")  # LPIPS' own file
+    with pytest.raises(ValueError, match=r"model.lpips_weights=.*no VGG backbone weights"):
+        load_lpips(str(tmp_path / "lin.pth"))
+    torch.save(full, tmp_path / "lpips.pth")
+    net = load_lpips(str(tmp_path / "lpips.pth"))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in full.items())
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert float(net(x, x).mean()) < 1e-6 < float(net(x, -x).mean())
+    assert not any(p.requires_grad for p in net.parameters())
