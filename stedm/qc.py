@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stedm.data.contract import IGNORE_INDEX, image_to_tensor
 from stedm.data.io import read_image, read_mask
-from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, read_manifest
+from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
 
 log = logging.getLogger(__name__)
 QC_DIR = "qc"
@@ -194,8 +194,7 @@ def run_qc(syn_dir: str | Path, segmenter: str | Path, checkpoint: str | Path | 
 
     syn_dir = Path(syn_dir)
     settings, manifest = folder_settings(syn_dir), read_manifest(syn_dir)
-    indices = sorted(manifest) or sorted(int(p.stem.split("_")[1]) for p in syn_dir.glob("img_*.png"))
-    indices = [i for i in indices if (syn_dir / PAIR_MASK.format(i)).is_file()][:max_pairs]
+    indices = pair_indices(syn_dir, max_pairs)
     if not indices:
         raise ValueError(f"SYN_DIR {syn_dir}: no img_XXXXX.png/seg_XXXXX.png pairs")
     model, cfg = load_segmenter(segmenter, checkpoint)

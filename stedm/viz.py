@@ -126,12 +126,11 @@ def pair_folder_sheet(folder: str | Path, out: str | Path | None = None, limit: 
     overlaid, and (when given, e.g. by ``python -m stedm.qc``) its style source; legend from the
     folder's settings (``class_names`` / ``layout_classes``). ``seg_*.png`` stay grey class ids."""
     from stedm.data.io import read_image, read_mask
-    from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, read_manifest
+    from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, pair_indices, read_manifest
 
     folder = Path(folder)
     settings, manifest = folder_settings(folder), read_manifest(folder)
-    indices = sorted(manifest) or sorted(int(p.stem.split("_")[1]) for p in folder.glob("img_*.png"))
-    indices = [i for i in indices if (folder / PAIR_MASK.format(i)).is_file()][:limit]
+    indices = pair_indices(folder, limit)
     if not indices:
         raise ValueError(f"{folder}: no img_XXXXX.png/seg_XXXXX.png pairs to show")
     masks = {i: read_mask(folder / PAIR_MASK.format(i)) for i in indices}

@@ -85,6 +85,15 @@ def append_manifest(path: Path, records: list[dict]) -> None:
         os.fsync(fh.fileno())
 
 
+def pair_indices(folder: Path, limit: int | None = None) -> list[int]:
+    """The complete pairs of a folder (image and mask both there), in manifest order or, for a
+    folder without manifest, by file name; at most ``limit``."""
+    folder = Path(folder)
+    indices = sorted(read_manifest(folder)) or sorted(int(p.stem.split("_")[1]) for p in folder.glob("img_*.png"))
+    return [i for i in indices if (folder / PAIR_IMAGE.format(i)).is_file()
+            and (folder / PAIR_MASK.format(i)).is_file()][:limit]
+
+
 def folder_settings(folder: Path) -> dict:
     """The pair folder's settings as ``predict_diff.py`` wrote them ({} if it has none)."""
     path = Path(folder) / SETTINGS
