@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the whole pipeline on the embedded demo data (CPU, minutes)
 # make test: set up .venv and run the test suite
+# make protocol: the multi-seed protocol on the demo (arms A-F, 3 seeds; python -m stedm.experiment)
 PYTHON ?= python3
 VENV ?= .venv
 # torch first, from the pair this project is tested with; override for another CUDA/CPU build,
@@ -15,7 +16,7 @@ DIFF_RUN := demo-demo_anno-augmented-mean-tiny-k4-seed0
 SSL_RUN := demo-demo_unanno_demo_anno-tiny-seed0
 SEG_RUN := demo-demo_anno-tiny-k4-seed0
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo protocol clean-demo
 
 install: $(STAMP)
 
@@ -39,6 +40,9 @@ demo: $(STAMP)
 	$(BIN)/python finetune_ssl.py $(DEMO) pretrained=results/demo/runs/pretrain_ssl/$(SSL_RUN)/pretrained_unet.pt
 	$(BIN)/python finetune_ssl.py $(DEMO) from_scratch=true
 	$(BIN)/python -m stedm.report results/demo/runs/train_seg/* results/demo/runs/finetune_ssl/* --out results/demo/report.png
+
+protocol: $(STAMP)
+	$(BIN)/python -m stedm.experiment seeds=3 trainer.enable_progress_bar=false
 
 clean-demo:
 	rm -rf results/demo
