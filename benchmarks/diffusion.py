@@ -121,8 +121,8 @@ class TrainSetup:
 
 
 def reference_train_setup(preset: str) -> TrainSetup:
-    """The original's way: fp32, torch's default AdamW, no compile."""
-    return TrainSetup(preset, "fp32", "default", ("location.compile=false",))
+    """The original's way: fp32, torch's default AdamW, no compile, NCHW activations."""
+    return TrainSetup(preset, "fp32", "default", ("location.compile=false", "location.channels_last=false"))
 
 
 def measure_training(device: str, setup: TrainSetup, batch_size: int, latent_size: int,
@@ -131,11 +131,12 @@ def measure_training(device: str, setup: TrainSetup, batch_size: int, latent_siz
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from stedm.run import maybe_compile, resolve_precision
+    from stedm.run import apply_channels_last, maybe_compile, resolve_precision
 
     H.quiet_libraries()
     module, cfg = build_module(setup.preset, setup.hydra_overrides())
     precision = resolve_precision(cfg.location)
+    module = apply_channels_last(cfg, module, precision)
     # The FLOP-counted step 0 is a warm-up step, except for a compiled module: that compiles again
     # once the counter's dispatch mode is gone, so it gets one more.
     warmup = repeats.warmup + (1 if cfg.location.compile else 0)
@@ -155,6 +156,7 @@ def measure_training(device: str, setup: TrainSetup, batch_size: int, latent_siz
         raise FloatingPointError(f"{setup}: the training loss is {loss}")
     return {"precision": "bf16" if precision.startswith("bf16") else "fp32",
             "optimizer": optimizer_label(trainer.optimizers[0], device), "compile": cfg.location.compile,
+            "channels_last": module.channels_last,
             "params": sum(p.numel() for p in module.parameters() if p.requires_grad),
             "image_size": latent_size * module.first_stage.downsample_factor,
             "times": timer.times, "cpu_times": timer.cpu_times, "flops": timer.flops,
@@ -400,7 +402,8 @@ def comparisons(args, repeats: H.Repeats) -> list[H.Comparison]:
             new = train_in_fresh_process(args, TrainSetup(preset, overrides=tuple(args.override)), repeats)
             rows.append(H.Comparison(
                 f"STEDM {preset} preset: training step, batch {args.train_batch}, {args.train_latent}² latent", "step",
-                f"{new['precision']}, {new['optimizer']} AdamW, compile {new['compile']}", _measured(ref, 1),
+                f"{new['precision']}, {new['optimizer']} AdamW, compile {new['compile']}"
+                f"{', channels-last' if new['channels_last'] else ''}", _measured(ref, 1),
                 _measured(new, 1), target=4.0, memory_target=1.1))
         if args.part in ("sample", "all"):
             new_setup = default_sample_setup(preset, tuple(args.predict_override))

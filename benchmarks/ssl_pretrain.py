@@ -39,8 +39,8 @@ import torch
 import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
 
 #: The original's way of computing a pretraining step (what it computes is the same).
-REFERENCE_OVERRIDES = ("location.precision=32-true", "location.compile=false", "model.optimizer.fused=null",
-                       "model.attention=explicit", "model.ema_foreach=false")
+REFERENCE_OVERRIDES = ("location.precision=32-true", "location.compile=false", "location.channels_last=false",
+                       "model.optimizer.fused=null", "model.attention=explicit", "model.ema_foreach=false")
 #: Issue 9's setting: the paper's network, batch 8, 64 x 64 px.
 COMPARE_PRESET, COMPARE_BATCH, COMPARE_SIZE = "paper", 8, 64
 
@@ -61,7 +61,7 @@ def path_label(module, optimizer: torch.optim.Optimizer, precision: str, compile
     adam = "fused" if optimizer.defaults.get("fused") else "foreach" if optimizer.defaults.get("foreach") else "default"
     hp = module.hparams
     return ", ".join([precision, f"{adam} Adam", f"{hp.attention} attention", "foreach EMA" if hp.ema_foreach else "loop EMA"]
-                     + (["compiled"] if compiled else []))
+                     + (["channels-last"] if module.channels_last else []) + (["compiled"] if compiled else []))
 
 
 def measure_steps(device: str, preset: str, batch: int, size: int, repeats: H.Repeats,
@@ -70,11 +70,12 @@ def measure_steps(device: str, preset: str, batch: int, size: int, repeats: H.Re
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from stedm.run import maybe_compile, resolve_precision
+    from stedm.run import apply_channels_last, maybe_compile, resolve_precision
 
     H.quiet_libraries()
     module, cfg = build_module(preset, overrides)
     precision = resolve_precision(cfg.location)
+    module = apply_channels_last(cfg, module, precision)
     # The FLOP-counted step 0 is a warm-up step, except for a compiled module: that compiles again
     # once the counter's dispatch mode is gone, so it gets one more.
     warmup = repeats.warmup + (1 if cfg.location.compile else 0)

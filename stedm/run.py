@@ -140,6 +140,7 @@ def fit(cfg: DictConfig, ctx: RunContext, trainer: pl.Trainer, model: pl.Lightni
 
     checkpoint = str(ctx.start.checkpoint) if ctx.start.checkpoint else None
     try:
+        model = apply_channels_last(cfg, model, ctx.precision)
         trainer.fit(maybe_compile(cfg, model), datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
         stopped = trainer.received_sigterm
     except SIGTERMException:
@@ -242,6 +243,36 @@ def maybe_compile(cfg: DictConfig, module: pl.LightningModule) -> pl.LightningMo
     for name in targets:
         getattr(module, name).compile(mode=None if mode is True or mode == "default" else str(mode))
     return module
+
+
+def uses_channels_last(location: DictConfig, precision: str) -> bool:
+    """``location.channels_last``: ``auto`` (default) -> on exactly when training runs ``bf16-mixed``
+    (oneDNN's bf16 convolutions want NHWC; fp32 runs stay as they are, bit for bit), or true/false."""
+    value = location.get("channels_last", "auto")
+    if value == "auto":
+        return str(precision).startswith("bf16")
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"location.channels_last={value!r}; choose auto, true or false")
+
+
+def apply_channels_last(cfg: DictConfig, module: pl.LightningModule, precision: str) -> pl.LightningModule:
+    """Let ``module`` feed its networks channels-last activations when :func:`uses_channels_last`
+    says so. The weights stay contiguous (fp32 master weights in NCHW keep the fused optimizer and
+    the EMA fast); a module that supports it has a ``channels_last`` attribute."""
+    wanted = uses_channels_last(cfg.location, precision)
+    if not hasattr(module, "channels_last"):
+        if cfg.location.get("channels_last", "auto") is True:
+            raise ValueError(f"location.channels_last=true, but {type(module).__name__} has no channels-last "
+                             "training path; set location.channels_last=auto")
+        return module
+    module.channels_last = wanted
+    return module
+
+
+def channels_last_input(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``x`` in channels-last memory format when ``enabled`` (same values; 4-D tensors only), else ``x``."""
+    return x.contiguous(memory_format=torch.channels_last) if enabled and x.ndim == 4 else x
 
 
 # -- data --------------------------------------------------------------------------------------

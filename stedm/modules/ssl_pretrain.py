@@ -40,6 +40,7 @@ from stedm.diffusion.sampling import SAMPLERS, noise_for_indices, sample
 from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
 from stedm.diffusion.weighting import LossWeighting
 from stedm.models.ssl_unet import save_pretrained_unet, set_attention
+from stedm.run import channels_last_input
 
 PRETRAINED_FILENAME = "pretrained_unet.pt"
 PRETRAINED_SAFETENSORS = "pretrained_unet.safetensors"  # the same two weight sets, with a model card
@@ -65,6 +66,9 @@ class SSLPretrainer(pl.LightningModule):
     """
 
     compile_targets = ("net",)  # compiled in place by location.compile (stedm.run.maybe_compile)
+    #: the U-Net sees channels-last activations (``location.channels_last``, :func:`stedm.run.apply_channels_last`;
+    #: on by default under bf16-mixed)
+    channels_last = False
 
     def __init__(
         self,
@@ -119,7 +123,8 @@ class SSLPretrainer(pl.LightningModule):
         if timesteps is None:
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],),
                                       generator=generator, device=images.device)
-        prediction = self.net(self.noise_scheduler.add_noise(images, noise, timesteps), timesteps)
+        prediction = self.net(channels_last_input(self.noise_scheduler.add_noise(images, noise, timesteps),
+                                                  self.channels_last), timesteps)
         target = training_target(self.noise_scheduler, images, noise, timesteps)
         per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return (self.loss_weighting(timesteps) * per_image).mean()

@@ -34,6 +34,7 @@ from stedm.diffusion.guidance import GUIDANCE_MODES, guided_model_fn, guided_pai
 from stedm.diffusion.sampling import SAMPLERS, Progress, noise_for_indices, sample
 from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
 from stedm.models.style import null_style_like
+from stedm.run import channels_last_input
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class StyleDiffusion(pl.LightningModule):
     """
 
     compile_targets = ("denoiser",)
+    #: training feeds the first stage and the denoiser channels-last activations (set by
+    #: ``location.channels_last``, :func:`stedm.run.apply_channels_last`; on by default under bf16-mixed)
+    channels_last = False
 
     def __init__(
         self,
@@ -186,14 +190,19 @@ class StyleDiffusion(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        latents = training_latents(self.first_stage, batch)  # cached (data.cache_latents) or encoded now
+        if self.channels_last and "image" in batch:
+            batch = {**batch, "image": channels_last_input(batch["image"], True)}
+        # cached (data.cache_latents) or encoded now; contiguous, so the noise drawn like them is the
+        # same in either memory format
+        latents = training_latents(self.first_stage, batch).contiguous()
         noise = torch.randn_like(latents)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         layout = self.layout_encoder(self.layout_onehot(batch["mask"]), latents.shape[-2:])
         style = self._training_style(batch)
         style_vector = None if style is None else self.style(style)
-        prediction = self.denoiser(torch.cat([noisy, layout], dim=1), t, style_vector)
+        prediction = self.denoiser(channels_last_input(torch.cat([noisy, layout], dim=1), self.channels_last), t,
+                                   style_vector)
         target = training_target(self.noise_scheduler, latents, noise, t)
         loss = self.loss_fn(prediction.float(), target.float())
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
