@@ -42,6 +42,9 @@ import harness as H  # noqa: E402  (benchmarks/harness.py: this script's folder 
 BUDGET_S = 240
 GOAL = 0.35
 SCRIPT_TIMEOUT_S = 150
+#: README Performance, "Settings to time on a GPU" (issue 20): training-step rows beside the default.
+#: ``location.compile=true`` is left to ``--settings`` (its compile time would exceed the budget).
+SETTINGS = ("location.channels_last=false", "location.channels_last=true", "++model.optimizer.fused=null")
 
 
 def smoke_overrides(device: str, root: Path) -> list[str]:
@@ -85,7 +88,7 @@ def run_scripts(device: str, root: Path) -> list[dict]:
     return rows
 
 
-def measure(device: str, quick: bool) -> dict:
+def measure(device: str, quick: bool, settings: tuple[str, ...] = ()) -> dict:
     import diffusion as D
 
     preset, batch, latent = ("tiny", 2, 32) if device == "cpu" else ("paper", 8, 64)
@@ -95,7 +98,12 @@ def measure(device: str, quick: bool) -> dict:
     setup = D.default_sample_setup(preset, ("location.precision=bf16-mixed",))
     pair = D.measure_sampling(device, preset, [setup], 1, latent // 2 if device == "cuda" else latent, repeats,
                               max_seconds=60.0, probe_steps=2, overrides=("location.precision=bf16-mixed",))[0]
-    out = {"bf16_peak_tflops": peak / 1e3, "preset": preset}
+    out = {"bf16_peak_tflops": peak / 1e3, "preset": preset, "settings": {}}
+    for setting in settings:
+        r = D.measure_training(device, D.TrainSetup(preset, "bf16", overrides=(setting,)), batch, latent, repeats)
+        seconds = H.median(r["times"])
+        out["settings"][setting] = {"seconds": seconds, "tflops": r["flops"] / seconds / 1e12,
+                                    "of_peak": r["flops"] / seconds / 1e9 / peak, "peak_mib": r["peak_mib"]}
     for name, r, what in (("training step", train, f"batch {batch} at {train['image_size']} px"),
                           ("synthetic pair", pair, f"{setup.label}, {pair['calls']} calls, {pair['image_size']} px")):
         seconds = H.median(r["times"])
@@ -118,6 +126,9 @@ def report(device: str, scripts: list[dict], timed: dict, total: float) -> str:
         goal = f" (goal {GOAL:.0%}: {'met' if r['of_peak'] >= GOAL else 'NOT met'})" if name == "training step" else ""
         rows.append([f"{timed['preset']} preset {name}, {r['what']}", f"{r['seconds']:.3f} s", f"{r['tflops']:.2f}",
                      f"{r['of_peak']:.1%}{goal}", f"{r['peak_mib']:.0f}"])
+    for setting, r in timed["settings"].items():
+        rows.append([f"training step with {setting}", f"{r['seconds']:.3f} s", f"{r['tflops']:.2f}",
+                     f"{r['of_peak']:.1%}", f"{r['peak_mib']:.0f}"])
     lines.append(H.markdown_table(["measured (bf16-mixed)", "median", "TFLOP/s", "of bf16 peak", "peak memory MiB"],
                                   rows))
     failed = [s for s in scripts if not s["ok"]]
@@ -132,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one timed repetition (CI's dry run)")
     parser.add_argument("--out", type=Path, default=H.ROOT / "results" / "gpu_check")
     parser.add_argument("--skip-scripts", action="store_true", help="timings only")
+    parser.add_argument("--settings", nargs="*", default=None,
+                        help="overrides timed as extra training-step rows (default: SETTINGS on cuda, the first on cpu)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and torch.cuda.device_count() < 1:
         parser.error("--device cuda: torch sees no CUDA device; use --device cpu --quick for the dry run")
@@ -139,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     H.quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         scripts = [] if args.skip_scripts else run_scripts(args.device, Path(tmp))
-    timed = measure(args.device, args.quick)
+    settings = args.settings if args.settings is not None else SETTINGS if args.device == "cuda" else SETTINGS[:1]
+    timed = measure(args.device, args.quick, tuple(settings))
     total = time.perf_counter() - STARTED
     text = report(args.device, scripts, timed, total)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -89,3 +89,5 @@ def test_cpu_dry_run_runs_every_script_and_writes_both_tables(tmp_path):
         assert result[name]["tflops"] > 0 and result[name]["seconds"] > 0 and result[name]["peak_mib"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert "of bf16 peak" in table and "training step" in table and "finetune_ssl.py | ok" in table
+    assert result["settings"]["location.channels_last=false"]["tflops"] > 0  # README's settings to time (issue 20)
+    assert "training step with location.channels_last=false" in table
