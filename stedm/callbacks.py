@@ -73,6 +73,8 @@ class LastCheckpoint(Checkpoint):
                            checkpoint: dict[str, Any]) -> None:
         if self._epoch_boundary:
             mark_epoch_finished(checkpoint["loops"]["fit_loop"])
+        else:
+            mark_epoch_unfinished(checkpoint["loops"]["fit_loop"])
 
     def save(self, trainer: pl.Trainer) -> None:
         """Write the checkpoint (all ranks take part) unless this step is saved already."""
@@ -138,6 +140,17 @@ def mark_epoch_finished(fit_loop: dict[str, Any]) -> None:
     validation = fit_loop.get("epoch_loop.val_loop.batch_progress")
     if validation is not None:  # counts the validation batches of one epoch (Lightning resets it too)
         validation["total"] = {name: 0 for name in validation["total"]}
+
+
+def mark_epoch_unfinished(fit_loop: dict[str, Any]) -> None:
+    """A checkpoint taken when ``max_steps`` stopped training in the middle of an epoch: Lightning
+    has counted that epoch processed, so a run continued from it (``trainer.max_steps`` raised)
+    would start the next epoch and skip the rest of this one. Record it as the mid-epoch state
+    it is (what a checkpoint after the epoch's last finished batch records)."""
+    epochs = fit_loop["epoch_progress"]
+    if epochs["current"]["processed"] == epochs["current"]["started"] > epochs["current"]["completed"]:
+        for scope in ("total", "current"):
+            epochs[scope]["processed"] -= 1
 
 
 class RandomState(pl.Callback):

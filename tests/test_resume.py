@@ -187,3 +187,17 @@ def test_train_seg_resumes_exactly_from_an_epoch_end_and_keeps_its_log(tmp_path)
     assert set(log["attempt"]) == {1, 2}
     first = log[log["attempt"] == 1]
     assert first["train/loss_step"].notna().any() and first["step"].max() >= 15
+
+
+@pytest.mark.parametrize("stop_at", [2, 4], ids=["mid-epoch", "epoch-end"])
+def test_raising_max_steps_continues_a_finished_run_exactly(tmp_path, stop_at):
+    """``trainer.max_steps`` may be raised to train a finished run longer (stedm.resume allows the
+    change): stopped mid-epoch or at an epoch end, it ends as a run that had the longer budget."""
+    base = [*COMMON, "data.samples=16", "trainer.max_epochs=-1", "checkpoint.every_n_train_steps=null",
+            "test_checkpoints=[]", "logger=[]"]  # 4 steps per epoch
+    reference = compose_in(tmp_path / "reference", "train_seg", [*base, "trainer.max_steps=6"])
+    train_segmentation(reference)
+    train_segmentation(compose_in(tmp_path / "longer", "train_seg", [*base, f"trainer.max_steps={stop_at}"]))
+    longer = compose_in(tmp_path / "longer", "train_seg", [*base, "trainer.max_steps=6"])
+    train_segmentation(longer)
+    assert_same_training_state(last_checkpoint(longer), last_checkpoint(reference))
