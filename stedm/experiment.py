@@ -13,7 +13,8 @@ printed before it runs, its output in ``<result_dir>/protocol/logs/``):
 - ``python -m stedm.qc`` on each pair folder (segmenter: arm A of the same seed).
 
 A chain is staged: ``train`` (generators, A, B, pretraining, F) -> ``sample`` (pairs, E) -> ``use``
-(QC, C, D). Locally the commands run one after another; with ``hydra/launcher=slurm`` each step of
+(QC, C, D). Locally the commands run one after another, seed by seed (all stages of seed 0, then
+seed 1, ...: a run stopped early leaves whole seeds to tabulate); with ``hydra/launcher=slurm`` each step of
 a stage is one Hydra sweep over the seeds (``script.py -m hydra/launcher=slurm ... seed=0,1,2``,
 per-seed names through ``${seed}``), the sweeps of a stage run side by side, and a stage starts
 when every sweep of the one before has finished (the submitit launcher returns when its jobs
@@ -24,7 +25,9 @@ A, C vs D, C vs B, E vs F), with the QC numbers of each pair folder, into
 
 Options (``key=value``): ``seeds`` (N, seeds 0..N-1; default 3), ``arms`` (e.g. ``A,C,D``;
 default all; what they need runs too), ``hed_jitter`` (0.2), ``ratios`` (``0.5,0.5``),
-``num_pairs`` (64). ``SCRIPT:key=value`` goes to that script only (e.g.
+``num_pairs`` (64), ``tabulate_only`` (``true``: run nothing, tabulate
+the seeds whose every arm finished, e.g. after stopping a run; seeds missing an arm are named and
+left out). ``SCRIPT:key=value`` goes to that script only (e.g.
 ``train_diff:trainer.max_steps=8``); any other ``key=value`` goes to all five scripts
 (``location.result_dir`` defaults to ``results/protocol``, ``location.data_dir`` to
 ``<result_dir>/data``). A re-run continues: finished runs are only re-tested, done pairs kept,
@@ -58,7 +61,8 @@ COMPARISONS = (("B", "A"), ("C", "A"), ("D", "A"), ("C", "D"), ("C", "B"), ("E",
 METRICS = (("iou_fg", "test IoU fg"), ("case_iou_fg_mean", "per-case IoU fg"))
 QC_KEYS = (("layout_fidelity_iou_fg", "layout IoU"), ("ceiling_real_test_iou_fg", "ceiling"),
            ("style_ratio", "style ratio"), ("kid_x1e3_synthetic_vs_real", "KID x1e3"))
-OWN_KEYS = {"seeds": "3", "arms": ",".join(ARMS), "hed_jitter": "0.2", "ratios": "0.5,0.5", "num_pairs": "64"}
+OWN_KEYS = {"seeds": "3", "arms": ",".join(ARMS), "hed_jitter": "0.2", "ratios": "0.5,0.5", "num_pairs": "64",
+            "tabulate_only": "false"}
 
 
 # -- statistics --------------------------------------------------------------------------------
@@ -107,6 +111,7 @@ class Options:
     slurm: bool
     result_dir: str
     data_dir: str
+    tabulate_only: bool = False
 
 
 def parse(argv: list[str]) -> Options:
@@ -132,6 +137,8 @@ def parse(argv: list[str]) -> Options:
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise ValueError(f"python -m stedm.experiment: arms={own['arms']}: choose from {','.join(ARMS)}")
+    if own["tabulate_only"] not in ("true", "false"):
+        raise ValueError(f"python -m stedm.experiment: tabulate_only={own['tabulate_only']}: true or false")
     if int(own["seeds"]) < 1:
         raise ValueError(f"python -m stedm.experiment: seeds={own['seeds']} must be >= 1")
     ratios = [float(r) for r in own["ratios"].strip("[]").split(",")]
@@ -145,7 +152,7 @@ def parse(argv: list[str]) -> Options:
     if not any(a.startswith("preset=") for a in common):
         common.append("preset=tiny")
     return Options(int(own["seeds"]), arms, float(own["hed_jitter"]), ratios, int(own["num_pairs"]),
-                   common, per_script, slurm, result_dir, data_dir)
+                   common, per_script, slurm, result_dir, data_dir, own["tabulate_only"] == "true")
 
 
 def compose(script: str, overrides: list[str]):
@@ -226,18 +233,18 @@ def sweep_command(step: Step, seeds: int) -> list[str]:
 
 
 def schedule(options: Options, steps: list[Step]) -> list[list[list[str]]]:
-    """Per stage, the commands of that stage (local: one per step and seed, run in order;
-    SLURM: one sweep per step, run side by side, QC per seed)."""
-    stages = []
-    for stage in STAGES:
-        here = [s for s in steps if s.stage == stage]
-        if options.slurm:
+    """Groups of commands; group ``i`` belongs to stage ``STAGES[i % len(STAGES)]``. SLURM: one group
+    per stage, one sweep per step (run side by side), QC per seed. Local: seed by seed, per seed one
+    group per stage, one command per step (run in order), so every finished seed is complete."""
+    if options.slurm:
+        stages = []
+        for stage in STAGES:
+            here = [s for s in steps if s.stage == stage]
             cmds = [sweep_command(s, options.seeds) for s in here if s.script != "qc"]
             cmds += [command(s, seed) for s in here if s.script == "qc" for seed in range(options.seeds)]
-        else:
-            cmds = [command(s, seed) for s in here for seed in range(options.seeds)]
-        stages.append(cmds)
-    return stages
+            stages.append(cmds)
+        return stages
+    return [[command(s, seed) for s in steps if s.stage == stage] for seed in range(options.seeds) for stage in STAGES]
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -253,7 +260,8 @@ def run_schedule(options: Options, stages: list[list[list[str]]], out: Path) -> 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     count = 0
-    for stage, cmds in zip(STAGES, stages):
+    for i, cmds in enumerate(stages):
+        stage = STAGES[i % len(STAGES)]
         parallel = options.slurm
         running = []
         for cmd in cmds:
@@ -278,29 +286,42 @@ def _wait(item) -> None:
 
 
 # -- tabulating ----------------------------------------------------------------------------------
-def collect(options: Options, steps: list[Step]) -> dict[str, Any]:
-    """Per arm, per seed: the best checkpoint's test metrics; per pair folder: the QC numbers."""
+def _files(options: Options, steps: list[Step], seed: int) -> dict[str, Path]:
+    """The result files of one seed: each arm's ``metrics_best.json``, each pair folder's QC report."""
     by_name = {s.name: s for s in steps}
-    results: dict[str, Any] = {"arms": {}, "qc": {}}
+    files = {}
     for arm in [a for a in ARMS if a in by_name]:
         step = by_name[arm]
-        rows = []
-        for seed in range(options.seeds):
-            path = Path(options.result_dir) / "runs" / step.script / step.run_name.replace(SEED, str(seed)) / "metrics_best.json"
-            path = path if path.is_absolute() else ROOT / path
-            if not path.is_file():
-                raise FileNotFoundError(f"arm {arm}, seed {seed}: no {path} (did its run finish its test?)")
-            metrics = json.loads(path.read_text())
-            rows.append({key: metrics.get(key) for key, _ in METRICS})
-        results["arms"][arm] = rows
+        files[arm] = Path(options.result_dir) / "runs" / step.script / step.run_name.replace(SEED, str(seed)) / "metrics_best.json"
     for arm in ("C", "D"):
         if f"qc_{arm}" in by_name:
-            folder = by_name[f"qc_{arm}"].overrides[0]
-            results["qc"][arm] = []
-            for seed in range(options.seeds):
-                path = Path(folder.replace(SEED, str(seed))) / "qc" / "report.json"
-                report = json.loads((path if path.is_absolute() else ROOT / path).read_text())
-                results["qc"][arm].append({key: report.get(key) for key, _ in QC_KEYS})
+            files[f"qc_{arm}"] = Path(by_name[f"qc_{arm}"].overrides[0].replace(SEED, str(seed))) / "qc" / "report.json"
+    return {k: p if p.is_absolute() else ROOT / p for k, p in files.items()}
+
+
+def collect(options: Options, steps: list[Step]) -> dict[str, Any]:
+    """Per arm, per finished seed: the best checkpoint's test metrics; per pair folder: the QC numbers.
+    A seed with any file missing is left out (named on stdout); none finished is an error."""
+    results: dict[str, Any] = {"arms": {}, "qc": {}, "seeds": []}
+    missing = {}
+    for seed in range(options.seeds):
+        files = _files(options, steps, seed)
+        absent = [f"{k}: {p}" for k, p in files.items() if not p.is_file()]
+        if absent:
+            missing[seed] = absent
+            continue
+        results["seeds"].append(seed)
+        for key, path in files.items():
+            data = json.loads(path.read_text())
+            if key.startswith("qc_"):
+                results["qc"].setdefault(key[3:], []).append({k: data.get(k) for k, _ in QC_KEYS})
+            else:
+                results["arms"].setdefault(key, []).append({k: data.get(k) for k, _ in METRICS})
+    for seed, absent in missing.items():
+        print(f"seed {seed} left out of the table (unfinished): no " + "; no ".join(absent), flush=True)
+    if not results["seeds"]:
+        raise FileNotFoundError(f"no seed of {options.seeds} has every arm finished (did the runs finish their "
+                                f"test?): seed 0 lacks {'; '.join(missing[0])}")
     return results
 
 
@@ -328,7 +349,7 @@ def table(results: dict[str, Any]) -> str:
     if results["qc"]:
         lines += ["", "| pair folder | " + " | ".join(t for _, t in QC_KEYS) + " |", "|---|" + "---|" * len(QC_KEYS)]
         for arm, rows in results["qc"].items():
-            for seed, row in enumerate(rows):
+            for seed, row in zip(results.get("seeds", range(len(rows))), rows):
                 cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k, _ in QC_KEYS]
                 lines.append(f"| {arm} seed {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -371,7 +392,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(options.result_dir) / "protocol"
     out = out if out.is_absolute() else ROOT / out
     started = time.time()
-    run_schedule(options, schedule(options, steps), out)
+    if not options.tabulate_only:
+        run_schedule(options, schedule(options, steps), out)
+    out.mkdir(parents=True, exist_ok=True)
     results = collect(options, steps)
     text = table(results)
     (out / "table.md").write_text(text + "\n")

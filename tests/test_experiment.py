@@ -78,6 +78,41 @@ def test_slurm_plan_is_one_sweep_per_step_stage_by_stage():
     assert [c for c in stages[2] if c[1] == "-m"] and len([c for c in stages[2] if c[1] == "-m"]) == 6  # QC per seed
 
 
+def test_local_plan_runs_seed_by_seed_each_seed_in_stage_order():
+    options = parse(["seeds=2", "arms=C"])
+    groups = schedule(options, plan(options))
+    assert len(groups) == 2 * len(STAGES)
+    seeds = [{a for c in g for a in c if a.startswith("seed=")} for g in groups]
+    assert seeds[:3] == [{"seed=0"}] * 3 and seeds[3:] == [{"seed=1"}] * 3  # seed 0 whole before seed 1
+    flat = [c for g in groups[:3] for c in g]
+    at = lambda key: next(i for i, c in enumerate(flat) if any(key in a for a in c))  # noqa: E731
+    assert at("+ckpt_name=") < at("stedm.qc") < at("folder_name=protocol_C_seed0")  # train -> sample -> use
+
+
+def test_tabulates_only_the_seeds_whose_every_arm_finished(tmp_path, capsys):
+    import json
+
+    from stedm.experiment import collect
+
+    options = parse(["seeds=3", "arms=A,B", f"location.result_dir={tmp_path}"])
+    steps = plan(options)
+    iou = {("A", 0): 0.40, ("B", 0): 0.45, ("A", 1): 0.42, ("B", 1): 0.46, ("A", 2): 0.41}  # B seed 2 unfinished
+    for (arm, seed), value in iou.items():
+        step = next(s for s in steps if s.name == arm)
+        run = tmp_path / "runs" / "train_seg" / step.run_name.replace("@SEED@", str(seed))
+        run.mkdir(parents=True)
+        (run / "metrics_best.json").write_text(json.dumps({"iou_fg": value, "case_iou_fg_mean": value}))
+    results = collect(options, steps)
+    assert results["seeds"] == [0, 1]
+    assert [r["iou_fg"] for r in results["arms"]["B"]] == [0.45, 0.46]
+    assert "seed 2 left out" in capsys.readouterr().out
+    assert "| A | real only | 2 |" in table(results)
+    with pytest.raises(FileNotFoundError, match="no seed of 1"):
+        collect(parse(["seeds=1", "arms=A", f"location.result_dir={tmp_path / 'empty'}"]), steps[:1])
+    with pytest.raises(ValueError, match="tabulate_only=yes"):
+        parse(["tabulate_only=yes"])
+
+
 def test_arms_pull_in_what_they_need_and_bad_options_are_named():
     names = [s.name for s in plan(parse(["arms=C"]))]
     assert names == ["A", "gen_C", "pairs_C", "qc_C", "C"]
