@@ -34,12 +34,30 @@ JOB = ["location=cluster_cpu", "location.slurm.cpus_per_task=1", "location.slurm
        "data.samples=16"]
 
 
+LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """A test that fails leaves neither its launchers nor its jobs behind for the next one."""
+    yield
+    for process in LAUNCHED:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if LAUNCHED:
+        subprocess.run(["scancel", "--name=train_seg,train_diff"], capture_output=True)
+    LAUNCHED.clear()
+
+
 def sweep(script: str, root: Path, *overrides: str) -> subprocess.Popen:
     """``python <script> -m hydra/launcher=slurm ...`` started as a user starts it."""
     command = [sys.executable, script, "-m", "hydra/launcher=slurm", *JOB, *overrides,
                f"location.data_dir={root / 'data'}", f"location.result_dir={root / 'results'}"]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    LAUNCHED.append(process)
+    return process
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -84,34 +102,44 @@ def job_record(root: Path, script: str, timeout: float = 120) -> dict:
     raise AssertionError(f"no job of {root} started within {timeout}s")
 
 
-def wait_for_checkpoint(root: Path, timeout: float = 120) -> None:
+def queued(count: int, timeout: float = 120) -> None:
+    """Wait until SLURM holds ``count`` jobs (running or pending)."""
     deadline = time.time() + timeout
-    while not list((root / "results" / "checkpoints").glob("*/last.ckpt")):
-        assert time.time() < deadline, f"no last.ckpt under {root} within {timeout}s"
-        time.sleep(0.5)
+    while len(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()) < count:
+        assert time.time() < deadline, f"fewer than {count} jobs submitted within {timeout}s"
+        time.sleep(0.25)
 
 
 @pytest.fixture
 def release_requeued():
     """SLURM holds a requeued job about 2.5 minutes before it may start again (BeginTime): let it
-    start at once, while the test runs."""
+    start at once, while the test runs. ``restore[job] = "TimeLimit=10"`` gives a held job that
+    setting back before it starts again."""
     stop = threading.Event()
     released: list[str] = []
+    restore: dict[str, str] = {}
 
     def loop():
-        while not stop.wait(1.0):
+        while not stop.wait(0.5):
             listing = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True)
             for line in listing.stdout.splitlines():
                 job, _, reason = line.partition(" ")
                 if reason.strip() == "BeginTime":
-                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+                    settings = [restore[job]] if job in restore else []
+                    subprocess.run(["scontrol", "update", f"JobId={job}", *settings, "StartTime=now"],
+                                   capture_output=True)
                     released.append(job)
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
-    yield released
+    yield released, restore
     stop.set()
     thread.join()
+
+
+def submitit_log(root: Path, job: str) -> str:
+    """What submitit logged in the job, over all its attempts."""
+    return "".join(path.read_text() for path in (sweep_dir(root, "train_seg") / ".submitit").glob(f"{job}/*_log.err"))
 
 
 # -- checks before submission, everywhere ----------------------------------------------------------
@@ -192,26 +220,46 @@ def test_train_seg_and_train_diff_sweeps_complete_on_slurm(tmp_path):
 @pytest.mark.slurm
 @needs_cluster
 def test_requeued_jobs_end_with_the_weights_of_an_uninterrupted_run(tmp_path, release_requeued):
-    """The same run four times, each in its own result folder, with a DataLoader worker: through
-    untouched; to a time limit (USR2 50 s before a 2-minute limit, submitit requeues); preempted
-    (``scancel --signal=USR2``: submitit requeues); ``scontrol requeue`` (SIGTERM: saved, requeued
-    by SLURM). Each continues from its last.ckpt and ends where the untouched one does."""
-    run = ["location.num_workers=1", "trainer.max_epochs=60", "checkpoint.every_n_train_steps=4", "seed=0"]
+    """The same run four times side by side, each in its own result folder, with a DataLoader
+    worker: through untouched; to a time limit; preempted (``scancel --signal=USR2``: submitit
+    requeues); ``scontrol requeue`` (SIGTERM: saved, requeued by SLURM). Each continues from its
+    last.ckpt and ends where the untouched one does.
+
+    The time limit is SLURM's own: the job asks for 10 minutes with the warning (USR2) 120 s before
+    the end; once it has written a checkpoint its limit is cut to 2 minutes, so SLURM's next
+    time-limit check (every 30 s) finds it inside the warning window and signals it; submitit
+    counts a signal in a job of at most 10 minutes as a time-out (one of ``max_requeues``) and
+    requeues it. Its limit goes back to 10 minutes before it starts again. (Waiting out a real
+    2-minute limit costs minutes, and SLURM may send the warning up to 60 s early, before
+    submitit's handler is in place.)"""
+    released, restore = release_requeued
+    run = ["location.num_workers=1", "trainer.max_epochs=50", "checkpoint.every_n_train_steps=4", "seed=0"]
     plain, limit, preempt, requeue = (tmp_path / name for name in ("plain", "limit", "preempt", "requeue"))
-    started = {
-        plain: sweep("train_seg.py", plain, *run),
-        # SLURM may send the warning up to 60 s early: 50 s before a 2-minute limit is 10-70 s after
-        # the start, after submitit's handler is in place (a signal before it would kill the job)
-        limit: sweep("train_seg.py", limit, *run, "location.slurm.timeout_min=2", "location.slurm.max_requeues=4",
-                     "hydra.launcher.signal_delay_s=50"),
-    }
+    # submitted in this order, SLURM starts them in this order on the node's two CPUs: the time
+    # limit (which waits longest for its signal) first, the uninterrupted one last
+    started = {limit: sweep("train_seg.py", limit, *run, "location.slurm.timeout_min=10",
+                            "location.slurm.max_requeues=2")}
+    queued(1)
+    started.update({root: sweep("train_seg.py", root, *run, "location.slurm.timeout_min=15") for root in (preempt, requeue)})
+    queued(3)
+    started[plain] = sweep("train_seg.py", plain, *run)
+    jobs: dict[Path, str] = {}
+
+    def cut_time_limit(job: str) -> None:
+        restore[job] = "TimeLimit=10"
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=2"], check=True)
+
+    actions = {limit: cut_time_limit, preempt: lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True),
+               requeue: lambda job: subprocess.run(["scontrol", "requeue", job], check=True)}
+    deadline = time.time() + 240
+    while len(jobs) < len(actions):  # each as soon as it has a checkpoint, in whichever order SLURM starts them
+        for root, action in actions.items():
+            if root not in jobs and list((root / "results" / "checkpoints").glob("*/last.ckpt")):
+                jobs[root] = str(job_record(root, "train_seg")["slurm_job_id"])
+                action(jobs[root])
+        assert time.time() < deadline, f"no checkpoint within 240 s in {set(actions) - set(jobs)}"
+        time.sleep(0.25)
     done = {root: finish(process) for root, process in started.items()}
-    started = {root: sweep("train_seg.py", root, *run, "location.slurm.timeout_min=15") for root in (preempt, requeue)}
-    for root, action in ((preempt, ["scancel", "--signal=USR2"]), (requeue, ["scontrol", "requeue"])):
-        job = job_record(root, "train_seg")["slurm_job_id"]
-        wait_for_checkpoint(root)
-        subprocess.run([*action, job], check=True)
-    done.update({root: finish(process) for root, process in started.items()})
     for root, (code, output) in done.items():
         assert code == 0, f"{root.name}: {output[-4000:]}"  # the launcher does not fail the sweep
 
@@ -229,7 +277,10 @@ def test_requeued_jobs_end_with_the_weights_of_an_uninterrupted_run(tmp_path, re
         assert got.keys() == expected.keys()
         for key in expected:
             assert torch.equal(got[key], expected[key]), (root.name, key)
-    assert release_requeued  # the requeued jobs were held, and let go
+    # submitit took the time limit's warning for a time-out, the preemption for a preemption
+    assert "this job is timed-out" in submitit_log(limit, jobs[limit])
+    assert "this job is preempted" in submitit_log(preempt, jobs[preempt])
+    assert {jobs[limit], jobs[preempt], jobs[requeue]} <= set(released)  # held after requeueing, let go
 
 
 @pytest.mark.slurm
