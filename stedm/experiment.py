@@ -306,9 +306,9 @@ def collect(options: Options, steps: list[Step]) -> dict[str, Any]:
     missing = {}
     for seed in range(options.seeds):
         files = _files(options, steps, seed)
-        absent = [f"{k}: {p}" for k, p in files.items() if not p.is_file()]
+        absent = [k for k, p in files.items() if not p.is_file()]
         if absent:
-            missing[seed] = absent
+            missing[seed] = f"{', '.join(absent)} unfinished (e.g. no {files[absent[0]]})"
             continue
         results["seeds"].append(seed)
         for key, path in files.items():
@@ -317,11 +317,11 @@ def collect(options: Options, steps: list[Step]) -> dict[str, Any]:
                 results["qc"].setdefault(key[3:], []).append({k: data.get(k) for k, _ in QC_KEYS})
             else:
                 results["arms"].setdefault(key, []).append({k: data.get(k) for k, _ in METRICS})
-    for seed, absent in missing.items():
-        print(f"seed {seed} left out of the table (unfinished): no " + "; no ".join(absent), flush=True)
+    for seed, why in missing.items():
+        print(f"seed {seed} left out of the table: {why}", flush=True)
     if not results["seeds"]:
         raise FileNotFoundError(f"no seed of {options.seeds} has every arm finished (did the runs finish their "
-                                f"test?): seed 0 lacks {'; '.join(missing[0])}")
+                                f"test?): seed 0: {missing[0]}")
     return results
 
 
