@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -58,8 +57,10 @@ def load_run(run_dir: str | Path) -> list[dict]:
 # -- labels ---------------------------------------------------------------------------------------
 def run_config(run_dir: str | Path) -> dict:
     """The run's resolved config (``{}`` when the directory holds none)."""
+    from omegaconf import OmegaConf
+
     path = Path(run_dir) / RUN_CONFIG
-    return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    return OmegaConf.to_container(OmegaConf.load(path)) or {} if path.is_file() else {}
 
 
 def arm_label(cfg: dict) -> str:
