@@ -233,7 +233,9 @@ def test_requeued_jobs_end_with_the_weights_of_an_uninterrupted_run(tmp_path, re
     2-minute limit costs minutes, and SLURM may send the warning up to 60 s early, before
     submitit's handler is in place.)"""
     released, restore = release_requeued
-    run = ["location.num_workers=1", "trainer.max_epochs=50", "checkpoint.every_n_train_steps=4", "seed=0"]
+    # 80 epochs: on an idle machine the run still lasts > 40 s after its first checkpoint, longer
+    # than SLURM may take (30 s) to send the warning once the limit is cut
+    run = ["location.num_workers=1", "trainer.max_epochs=80", "checkpoint.every_n_train_steps=4", "seed=0"]
     plain, limit, preempt, requeue = (tmp_path / name for name in ("plain", "limit", "preempt", "requeue"))
     # submitted in this order, SLURM starts them in this order on the node's two CPUs: the time
     # limit (which waits longest for its signal) first, the uninterrupted one last
