@@ -42,7 +42,7 @@ demo: $(STAMP)
 	$(BIN)/python -m stedm.report results/demo/runs/train_seg/* results/demo/runs/finetune_ssl/* --out results/demo/report.png
 
 protocol: $(STAMP)
-	$(BIN)/python -m stedm.experiment seeds=3 trainer.enable_progress_bar=false
+	$(BIN)/python -m stedm.experiment seeds=3 trainer.enable_progress_bar=false location.result_dir=results/protocol_3seeds
 
 clean-demo:
 	rm -rf results/demo
