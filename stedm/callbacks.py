@@ -17,6 +17,7 @@ resumed from ``last.ckpt`` mid-epoch ends with the same weights as one never int
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,9 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Checkpoint
 
-from stedm.resume import IDENTITY_KEY, atomic_replace_keeping_previous, readable
+from stedm.resume import IDENTITY_KEY, LAST, atomic_replace_keeping_previous, readable
 
-LAST = "last.ckpt"
+log = logging.getLogger(__name__)
 RUN_METRICS = "run_metrics.json"
 
 
@@ -229,9 +230,9 @@ class CheckpointContent(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        checkpoint[IDENTITY_KEY] = self.identity
         from stedm.models.weights import plain
 
+        checkpoint[IDENTITY_KEY] = self.identity
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
             if key in checkpoint:
                 checkpoint[key] = plain(checkpoint[key], dropped=[])
@@ -275,8 +276,6 @@ class ExportWeights(pl.Callback):
         self.config = OmegaConf.to_container(cfg, resolve=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import logging
-
         from stedm.models.cards import write_weights
 
         if trainer.received_sigterm or not trainer.is_global_zero:
@@ -298,5 +297,5 @@ class ExportWeights(pl.Callback):
         if hasattr(pl_module, "export_card"):
             card.update(pl_module.export_card())
         if self.path.exists():
-            logging.getLogger(__name__).info("%s: replaced by this run's new final weights", self.path)
+            log.info("%s: replaced by this run's new final weights", self.path)
         write_weights(self.path, state, card, overwrite=True)

@@ -122,7 +122,7 @@ def parse(argv: list[str]) -> Options:
             raise ValueError(f"python -m stedm.experiment: '{arg}' is not key=value (e.g. seeds=3, data=demo)")
         if key in own:
             own[key] = value
-        elif ":" in key.split("=")[0] and key.split(":")[0] in SCRIPTS:
+        elif ":" in key and key.split(":")[0] in SCRIPTS:
             script, _, rest = arg.partition(":")
             per_script[script].append(rest)
         elif ":" in key:
@@ -356,13 +356,11 @@ def table(results: dict[str, Any]) -> str:
 
 
 def figure(results: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state from library code
 
     arms = list(results["arms"])
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(max(5.0, 1.2 * len(arms)) * len(METRICS), 3.8), squeeze=False)
+    fig = Figure(figsize=(max(5.0, 1.2 * len(arms)) * len(METRICS), 3.8))
+    axes = fig.subplots(1, len(METRICS), squeeze=False)
     for ax, (key, title) in zip(axes[0], METRICS):
         for x, arm in enumerate(arms):
             vals = [r[key] for r in results["arms"][arm]]
@@ -378,7 +376,6 @@ def figure(results: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"protocol: {len(next(iter(results['arms'].values())))} seed(s), best checkpoint, test split")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -131,11 +131,16 @@ def _stamp_exit(path: Path, attempt: int) -> None:
     at a time limit or preemption and exited) is INTERRUPTED, its time counted."""
     record = json.loads(path.read_text()) if path.is_file() else {}
     if record.get("attempts") == attempt and record.get("status") == "RUNNING" and not record.get("ended"):
-        record.update(status="INTERRUPTED", ended=time.time(),
-                      error="exited at a scheduler signal (time limit or preemption); requeued, it continues from "
-                            "its checkpoint")
-        _write_json(path, record)
-        write_summary(path.parent.parent)
+        _mark_interrupted(path, "exited at a scheduler signal (time limit or preemption); requeued, it continues "
+                                "from its checkpoint")
+
+
+def _mark_interrupted(path: Path, reason: str) -> None:
+    """The job record at ``path`` INTERRUPTED with ``reason``, and the sweep's summary rewritten."""
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(status="INTERRUPTED", ended=time.time(), error=reason)
+    _write_json(path, record)
+    write_summary(path.parent.parent)
 
 
 def record_submission_error(sweep_dir: Path, jobs, error: BaseException) -> None:
@@ -161,12 +166,7 @@ def record_interrupted(reason: str) -> None:
     config = HydraConfig.get()
     if config.mode != RunMode.MULTIRUN or not is_rank_zero_process():
         return
-    job_dir = Path(str(config.runtime.output_dir))
-    path = job_dir / JOB_RECORD
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record.update(status="INTERRUPTED", ended=time.time(), error=reason)
-    _write_json(path, record)
-    write_summary(job_dir.parent)
+    _mark_interrupted(Path(str(config.runtime.output_dir)) / JOB_RECORD, reason)
 
 
 # -- planning and checks ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from stedm.data.contract import IGNORE_INDEX, image_to_tensor
 from stedm.data.io import read_image, read_mask
 from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
+from stedm.resume import LAST, run_checkpoint_dir
 
 log = logging.getLogger(__name__)
 QC_DIR = "qc"
@@ -60,7 +61,7 @@ def load_segmenter(run_dir: str | Path, checkpoint: str | Path | None = None) ->
         raise ValueError(f"--segmenter {run_dir}: {config} is not a train_seg.py run (its model is "
                          f"{cfg.get('model', {}).get('_target_')})")
     check_targets(OmegaConf.to_container(cfg.model), (), config)
-    path = Path(checkpoint) if checkpoint else Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name / "last.ckpt"
+    path = Path(checkpoint) if checkpoint else run_checkpoint_dir(cfg) / LAST
     if not path.is_file():
         raise FileNotFoundError(f"--segmenter {run_dir}: no checkpoint at {path}; pass --checkpoint PATH")
     model = instantiate(cfg.model, lr=0.0, output_dir=None)
@@ -226,19 +227,20 @@ def run_qc(syn_dir: str | Path, segmenter: str | Path, checkpoint: str | Path | 
     sources, cases = style_sources(settings, manifest)
     rng = np.random.default_rng(seed)
     to_source, to_random, style_images = [], [], {}
+    source_od = {case: mean_optical_density(image) for case, image in sources.items()}
     for i in indices:
         case = str(manifest.get(i, {}).get("style_case", ""))
         if case not in sources:
             continue
         style_images[i] = sources[case]
         stats = mean_optical_density(images[i])
-        d_source = float(np.linalg.norm(stats - mean_optical_density(sources[case])))
+        d_source = float(np.linalg.norm(stats - source_od[case]))
         others = [c for c in cases if c != case]
         per_pair[i]["style_od_distance"] = d_source
         to_source.append(d_source)
         if others:
             other = others[int(rng.integers(len(others)))]
-            to_random.append(float(np.linalg.norm(stats - mean_optical_density(sources[other]))))
+            to_random.append(float(np.linalg.norm(stats - source_od[other])))
 
     # KID on the one offline extractor
     real_pool = [r.image for r in test] + [sources[c] for c in cases]

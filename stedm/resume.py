@@ -24,7 +24,6 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +52,9 @@ WEIGHT_KEYS = ("pretrained", "weights_path", "pretrained_path")
 
 
 # -- identity ------------------------------------------------------------------------------------
-@lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime: float) -> str:
-    from stedm.models.weights import sha256_of
-
-    return sha256_of(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (remembered per path, size and mtime within a process)."""
-    stat = Path(path).stat()
-    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime)
-
-
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The run's identity: its resolved config (no ``hydra``) as ``{dotted key: value}``."""
+    from stedm.models.weights import sha256_of
     from stedm.run import batch_size, learning_rate, resolve_devices
 
     container = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
@@ -75,15 +62,13 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     flat = flatten(container)
     roots = [(str(cfg.location.result_dir), "<result_dir>"), (str(cfg.location.data_dir), "<data_dir>")]
     for key, value in flat.items():
-        if isinstance(value, list):
-            value = tuple(value)
-        if isinstance(value, str):
-            if key.rsplit(".", 1)[-1] in WEIGHT_KEYS and Path(value).expanduser().is_file():
-                value = f"sha256:{file_sha256(Path(value).expanduser())}"
-            else:
-                for root, name in roots:
-                    value = value.replace(root, name)
-        flat[key] = list(value) if isinstance(value, tuple) else value
+        if not isinstance(value, str):
+            continue
+        if key.rsplit(".", 1)[-1] in WEIGHT_KEYS and Path(value).expanduser().is_file():
+            flat[key] = f"sha256:{sha256_of(Path(value).expanduser())}"
+        else:
+            for root, name in roots:
+                flat[key] = flat[key].replace(root, name)
     world = resolve_devices(cfg.location) * int(cfg.location.num_nodes)
     batch = batch_size(cfg)
     flat.update({"derived.world_size": world, "derived.batch_size": batch,
@@ -116,6 +101,7 @@ class Start:
 
     checkpoint: Path | None
     note: str | None = None
+    stored_identity: dict[str, Any] | None = None  # the checkpoint's, read once with the checkpoint
 
 
 def choose_checkpoint(checkpoint_dir: Path) -> Start:
@@ -132,7 +118,7 @@ def choose_checkpoint(checkpoint_dir: Path) -> Start:
             if failures:
                 note = (f"{failures[0][0]} cannot be read ({failures[0][1]}); continuing from the previous "
                         f"checkpoint {path}")
-            return Start(path, note)
+            return Start(path, note, checkpoint.get(IDENTITY_KEY))
         failures.append((path, why))
     raise RuntimeError(
         "resume=auto: no checkpoint of this run can be read: "
@@ -162,20 +148,20 @@ def check_run_start(cfg: DictConfig, write_check: bool = True) -> Start:
         path = Path(str(resume))
         if not path.is_file():
             raise FileNotFoundError(f"resume={resume}: no such checkpoint")
-        _, why = readable(path)
+        checkpoint, why = readable(path)
         if why is not None:
             raise ValueError(f"resume={resume}: cannot be read safely ({why}); give a checkpoint written by "
                              "this project, or convert one with `python -m stedm.weights convert`")
-        start = Start(path)
+        start = Start(path, stored_identity=checkpoint.get(IDENTITY_KEY))
     if start.checkpoint is not None:
-        check_identity(cfg, start.checkpoint)
+        check_identity(cfg, start.checkpoint, start.stored_identity)
     if write_check:
         check_writable(checkpoint_dir, "location.result_dir")
     return start
 
 
-def check_identity(cfg: DictConfig, path: Path) -> None:
-    stored = read_checkpoint(path).get(IDENTITY_KEY)
+def check_identity(cfg: DictConfig, path: Path, stored: dict[str, Any] | None) -> None:
+    """Refuse to continue ``path`` (whose stored identity is ``stored``) with other settings."""
     if stored is None:
         log.warning("%s holds no run identity (written by an older version): continuing without checking that "
                     "its settings match this run's", path)

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stedm.cluster import adopt_submitit_local_tasks, cluster_plugins, is_rank_zero_process
-from stedm.resume import Start, check_run_start, identity
+from stedm.resume import Start, check_run_start, identity, run_checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def prepare(cfg: DictConfig, trains: bool = True) -> RunContext:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the paper
     directory = run_dir(cfg)
     ctx = RunContext(run_dir=directory,
-                     checkpoint_dir=Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name,
+                     checkpoint_dir=run_checkpoint_dir(cfg),
                      devices=devices, world_size=world, batch_size=batch,
                      lr=learning_rate(cfg, batch, world), precision=resolve_precision(cfg.location),
                      num_workers=resolve_num_workers(cfg.location), start=start)

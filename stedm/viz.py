@@ -126,7 +126,8 @@ def pair_folder_sheet(folder: str | Path, out: str | Path | None = None, limit: 
     overlaid, and (when given, e.g. by ``python -m stedm.qc``) its style source; legend from the
     folder's settings (``class_names`` / ``layout_classes``). ``seg_*.png`` stay grey class ids."""
     from stedm.data.io import read_image, read_mask
-    from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, pair_indices, read_manifest
+    from stedm.data.contract import IGNORE_INDEX
+    from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
 
     folder = Path(folder)
     settings, manifest = folder_settings(folder), read_manifest(folder)
@@ -134,7 +135,7 @@ def pair_folder_sheet(folder: str | Path, out: str | Path | None = None, limit: 
     if not indices:
         raise ValueError(f"{folder}: no img_XXXXX.png/seg_XXXXX.png pairs to show")
     masks = {i: read_mask(folder / PAIR_MASK.format(i)) for i in indices}
-    n = int(settings.get("layout_classes") or max(int(m[m < 255].max(initial=0)) for m in masks.values()) + 1)
+    n = layout_classes_of(folder) or max(int(m[m != IGNORE_INDEX].max(initial=0)) for m in masks.values()) + 1
     names = list(settings.get("class_names") or [f"class {c}" for c in range(n)])[:n]
     names += [f"class {c}" for c in range(len(names), n)]
     palette = class_palette(n)

@@ -88,6 +88,7 @@ def lab_stain(lab: int) -> tuple[np.ndarray, np.ndarray]:
     return _hed_draw(np.random.default_rng([STAIN_SEED, lab]), HED_STRONG)
 
 
+@lru_cache(maxsize=64)  # read on every load: computed once per (k, seed); callers only read it
 def region_stains(k: int, seed: int = 0) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
     """Region -> ``(lab, alpha, beta)`` with ``k`` labelled training regions (see the module
     docstring for which role gets which lab). Labelled regions get the identity exactly."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -180,6 +181,24 @@ class FolderDataset(SegmentationDataset):
     def files(self) -> list[Path]:
         return [f for f, _ in self.items] + (list(self.mask_files) if self.labelled else []) + \
             list(self.instance_files or [])
+
+    def read_file(self, path: Path) -> None:
+        """Each file with the reader :meth:`load` uses (images with ``intensity_range``, masks
+        with the palette, instance maps as ids)."""
+        if self.labelled and path in self._mask_set:
+            read_mask(path, self.palette)
+        elif path in self._instance_set:
+            read_mask(path)
+        else:
+            read_image(path, self.intensity_range)
+
+    @cached_property
+    def _mask_set(self) -> set[Path]:
+        return set(self.mask_files)
+
+    @cached_property
+    def _instance_set(self) -> set[Path]:
+        return set(self.instance_files or [])
 
 
 def beside(value: str | bool | None, default: Path, key: str, name: str, folder: bool = False) -> Path | None:

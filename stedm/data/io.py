@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Callable, Mapping, Sequence
 
@@ -133,6 +135,21 @@ def require_dir(path: str | Path, what: str, key: str) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(f"{what} folder not found: {path} (set {key}, or put the data there)")
     return path
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content (memoised per path, size and modification time)."""
+    stat = Path(path).stat()
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, write: Callable[[BinaryIO], None], sync: bool = False) -> None:

@@ -98,12 +98,9 @@ def write_weights(path: str | Path, tensors: dict[str, Tensor], card: dict[str, 
 
 
 def write_card(path: Path, card: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from stedm.data.io import write_text_atomic
+
+    write_text_atomic(json.dumps(card, indent=2, sort_keys=False, default=str) + "\n", path)
 
 
 def read_card(weights: str | Path) -> dict[str, Any] | None:

@@ -8,7 +8,6 @@ consent, by ``python -m stedm.weights convert IN OUT --trust-pickle`` (:func:`co
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,10 @@ class UnsafeFileError(ValueError):
 
 
 def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file (:func:`stedm.data.io.file_digest`: remembered per path, size and mtime)."""
+    from stedm.data.io import file_digest
+
+    return file_digest(path)
 
 
 def load_safely(path: str | Path, argument: str, out_suffix: str = ".safetensors") -> Any:

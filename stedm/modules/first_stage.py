@@ -129,7 +129,7 @@ class FirstStageTrainer(pl.LightningModule):
             self.lpips.eval()
             rec = rec + self.lpips_weight * self.lpips(x.float(), y.float()).mean()
         loss = rec + (self.kl_weight if self.kind == "kl" else self.codebook_weight) * reg
-        logs = {"train/loss": loss, "train/l1": l1, "train/reg": reg}
+        logs = {"train/l1": l1, "train/reg": reg}
         if self.discriminator is not None and self.global_step >= self.disc_start:
             frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
             g_loss = -torch.func.functional_call(self.discriminator, frozen, (y,), strict=False).mean()

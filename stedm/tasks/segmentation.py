@@ -9,6 +9,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from stedm.resume import LAST
 from stedm.run import build_datamodule, build_trainer, fit, prepare
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def train_segmentation(cfg: DictConfig) -> dict[str, list[dict]]:
 
 def checkpoint_for(tag: str, trainer, checkpoint_dir: Path) -> str | None:
     if tag == "last":
-        path = checkpoint_dir / "last.ckpt"
+        path = checkpoint_dir / LAST
         return str(path) if path.is_file() else None
     if tag == "best":
         return getattr(trainer.checkpoint_callback, "best_model_path", None) or None  # set by checkpoint.monitor

@@ -11,31 +11,17 @@ import hashlib
 import json
 import os
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from stedm.data.io import file_digest  # noqa: F401  (re-exported: the WSI caches key by it)
+
 
 def cache_key(*parts: Any) -> str:
     """Hex digest of JSON-serialisable ``parts``."""
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's content (memoised per path, size and modification time)."""
-    stat = Path(path).stat()
-    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=4096)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:
