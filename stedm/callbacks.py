@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Checkpoint
 
-from stedm.resume import IDENTITY_KEY, LAST, atomic_replace_keeping_previous, readable
+from stedm.fileio import replace_keeping_previous
+from stedm.resume import IDENTITY_KEY, LAST, PREVIOUS, readable
 
 log = logging.getLogger(__name__)
 RUN_METRICS = "run_metrics.json"
@@ -93,7 +94,7 @@ class LastCheckpoint(Checkpoint):
             if why is not None:
                 raise RuntimeError(f"the checkpoint just written to {partial} cannot be read back ({why}); "
                                    f"{self.path} is kept as it was. Is the disk full?")
-            atomic_replace_keeping_previous(partial, self.path)
+            replace_keeping_previous(partial, self.path, self.path.with_name(PREVIOUS))
         trainer.strategy.barrier("LastCheckpoint.save")
         self._saved_step = trainer.global_step
 

@@ -36,6 +36,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from stedm.cluster import check_partition, is_rank_zero_process, report_submission_errors
+from stedm.fileio import write_text_atomic
 from stedm.resume import WITHOUT_CHECKPOINTS, check_run_start
 
 PLAN = "sweep_plan.json"
@@ -290,9 +291,7 @@ def _slurm_job_id() -> str | None:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(content, indent=1, default=str))
-    os.replace(partial, path)
+    write_text_atomic(json.dumps(content, indent=1, default=str), path)
 
 
 def main_metric(metrics: dict[str, float], name: str | None) -> tuple[str | None, float | None]:
@@ -333,11 +332,9 @@ def write_summary(sweep_dir: Path) -> Path:
             "output_dir": record.get("output_dir"), "slurm_job_id": record.get("slurm_job_id"),
             "error": record.get("error")})
     path = sweep_dir / SUMMARY
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
     columns = ["job", "status", "swept", "overrides", "metric", "value", "run_name", "attempts", "minutes",
                "output_dir", "slurm_job_id", "error"]
-    pd.DataFrame(rows, columns=columns).to_csv(partial, index=False)
-    os.replace(partial, path)
+    write_text_atomic(pd.DataFrame(rows, columns=columns).to_csv(index=False), path)
     return path
 
 

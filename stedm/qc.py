@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stedm.data.contract import IGNORE_INDEX, image_to_tensor
 from stedm.data.io import read_image, read_mask
-from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
+from stedm.data.pair_folder import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
 from stedm.resume import LAST, run_checkpoint_dir
 
 log = logging.getLogger(__name__)

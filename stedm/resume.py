@@ -21,7 +21,6 @@ keeps until its successor is complete and verified.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from stedm.config import differences, flatten
+from stedm.fileio import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,6 @@ WEIGHT_KEYS = ("pretrained", "weights_path", "pretrained_path")
 # -- identity ------------------------------------------------------------------------------------
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """The run's identity: its resolved config (no ``hydra``) as ``{dotted key: value}``."""
-    from stedm.models.weights import sha256_of
     from stedm.run import batch_size, learning_rate, resolve_devices
 
     container = {key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
@@ -65,7 +64,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         if not isinstance(value, str):
             continue
         if key.rsplit(".", 1)[-1] in WEIGHT_KEYS and Path(value).expanduser().is_file():
-            flat[key] = f"sha256:{sha256_of(Path(value).expanduser())}"
+            flat[key] = f"sha256:{file_digest(Path(value).expanduser())}"
         else:
             for root, name in roots:
                 flat[key] = flat[key].replace(root, name)
@@ -211,19 +210,3 @@ class RunStartCheck(Callback):
             # Hydra turns a callback's exceptions into warnings; exiting stops the run here.
             raise SystemExit(f"Error: {error}") from error
 
-
-def atomic_replace_keeping_previous(partial: Path, path: Path) -> None:
-    """Put ``partial`` in place of ``path``, keeping the old ``path`` as ``last.prev.ckpt`` (a hard
-    link first, so that at every moment one complete checkpoint is in place)."""
-    previous = path.with_name(PREVIOUS)
-    if path.is_file():
-        staged = path.with_name(f".{PREVIOUS}.{os.getpid()}")
-        staged.unlink(missing_ok=True)
-        try:
-            os.link(path, staged)
-        except OSError:  # no hard links on this file system: a copy's worth of time, same guarantee
-            import shutil
-
-            shutil.copy2(path, staged)
-        os.replace(staged, previous)
-    os.replace(partial, path)

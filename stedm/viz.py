@@ -127,7 +127,7 @@ def pair_folder_sheet(folder: str | Path, out: str | Path | None = None, limit: 
     folder's settings (``class_names`` / ``layout_classes``). ``seg_*.png`` stay grey class ids."""
     from stedm.data.io import read_image, read_mask
     from stedm.data.contract import IGNORE_INDEX
-    from stedm.data.synthetic import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
+    from stedm.data.pair_folder import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
 
     folder = Path(folder)
     settings, manifest = folder_settings(folder), read_manifest(folder)

@@ -25,7 +25,8 @@ from PIL import Image
 from conftest import CONF_DIR, compose_in, forced_precision
 from stedm.hydra_callbacks import check_jobs, plan_jobs
 from stedm.run import build_datamodule, prepare
-from stedm.tasks.predict import merge_rank_manifests, predict_pairs
+from stedm.data.pair_folder import merge_rank_manifests
+from stedm.tasks.predict import predict_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP = ["location.accelerator=cpu", "location.devices=2", "location.strategy=ddp"]
@@ -153,7 +154,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_directory_and_summarises(
 @pytest.mark.e2e
 def test_train_diff_and_predict_diff_under_ddp(tmp_path):
     train = [*TINY, *PINNED, "data.samples=16", "trainer.max_steps=4", "diffusion.sample_every_n_steps=2",
-             "model.sample_steps=2", "checkpoint.every_n_train_steps=2"]
+             "sampling.steps=2", "checkpoint.every_n_train_steps=2"]
     run_script("train_diff.py", tmp_path, *train, *DDP)
     cfg = compose_in(tmp_path, "train_diff", train)
     checkpoint = torch.load(Path(cfg.location.result_dir) / "checkpoints" / cfg.run_name / "last.ckpt",
@@ -215,7 +216,7 @@ def test_train_seg_under_ddp_counts_every_test_unit_once(tmp_path):
 @pytest.mark.e2e
 def test_pretrain_and_finetune_ssl_under_ddp(tmp_path):
     pretrain = [*TINY, "data.samples=16", "trainer.max_epochs=1", "ssl_net.sample_every_n_epochs=1",
-                "ssl_net.sample_steps=2"]
+                "ssl_net.sampling.steps=2"]
     run_script("pretrain_ssl.py", tmp_path, *pretrain, *DDP)
     cfg = compose_in(tmp_path, "pretrain_ssl", pretrain)
     run = Path(cfg.location.result_dir) / "runs" / "pretrain_ssl" / cfg.run_name

@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 
 from stedm.data.datamodule import StedmDataModule
-from stedm.data.synthetic import SETTINGS
+from stedm.data.pair_folder import SETTINGS
 from stedm.tasks.predict import settings_of
 
 from conftest import write_synthetic_pairs

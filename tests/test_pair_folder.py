@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import compose_in
-from stedm.data.synthetic import SyntheticPairs, read_manifest
+from stedm.data.pair_folder import SETTINGS, read_manifest
+from stedm.data.synthetic import SyntheticPairs
 from stedm.tasks.diffusion import train_diffusion
-from stedm.tasks.predict import SETTINGS, predict_pairs
+from stedm.tasks.predict import predict_pairs
 
 TRAIN = ["preset=tiny", "data.patch_size=32", "location.precision=32-true", "data.samples=8", "trainer.max_steps=2",
          "diffusion.sample_every_n_steps=0", "trainer.enable_progress_bar=false"]

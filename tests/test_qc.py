@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from stedm.data.datamodule import build_dataset
-from stedm.data.synthetic import SETTINGS
+from stedm.data.pair_folder import SETTINGS
 from stedm.data.transforms import train_transform
 from stedm.qc import main, run_qc
 from stedm.viz import class_palette

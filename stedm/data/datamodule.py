@@ -117,6 +117,13 @@ def build_dataset(data: DictConfig, name: str, split: str, transform=None, style
     return dataset
 
 
+def train_dataset(data: DictConfig, name: str, style_sampler: StyleSampler | None = None) -> Dataset:
+    """Registry entry ``name`` as training data: random ``data.patch_size`` crops augmented by
+    ``data.augment`` (:func:`stedm.data.transforms.train_transform`), styles from ``style_sampler``."""
+    augment = OmegaConf.to_container(data.get("augment") or {}, resolve=True)
+    return build_dataset(data, name, "train", train_transform(int(data.patch_size), **augment), style_sampler)
+
+
 def check_label_spaces(data: DictConfig, names: list[str], datasets: list[Dataset]) -> None:
     """Refuse a ``*_syn`` entry whose pairs were drawn in another label space than the real
     (first) entry's masks: ``data.num_classes`` classes, or 2 where the model merges every
@@ -178,9 +185,7 @@ class StedmDataModule(pl.LightningDataModule):
         self.style_sampler = style_sampler
         self.names = list(data.dataset.keys())
         self.ratios = entry_ratios(data)
-        augment = OmegaConf.to_container(data.get("augment") or {}, resolve=True)
-        transform = train_transform(int(data.patch_size), **augment)
-        self.train_sets = [build_dataset(data, n, "train", transform, style_sampler) for n in self.names]
+        self.train_sets = [train_dataset(data, n, style_sampler) for n in self.names]
         check_label_spaces(data, self.names, self.train_sets)
         self.eval_sets = {s: build_dataset(data, self.names[0], s) for s in eval_splits}
         verify_files([*self.train_sets, *self.eval_sets.values()], cache_dir)

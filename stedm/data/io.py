@@ -1,16 +1,14 @@
-"""Reading images and masks from disk, with errors that name the file; writing files atomically."""
+"""Reading images and masks from disk, with errors that name the file; writing a PNG atomically."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import secrets
-from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+
+from stedm.fileio import write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -137,57 +135,6 @@ def require_dir(path: str | Path, what: str, key: str) -> Path:
     return path
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's content (memoised per path, size and modification time)."""
-    stat = Path(path).stat()
-    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-@lru_cache(maxsize=4096)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None], sync: bool = False) -> None:
-    """``write`` into a hidden temporary file next to ``path`` (created with mode 0666 less the
-    umask, like any file the user makes), then rename it over ``path``: a crash never leaves
-    half a file. A kill can leave the temporary; :func:`remove_temporaries` clears it."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            if sync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_png_atomic(array: np.ndarray, path: str | Path) -> None:
-    """Write a PNG atomically (:func:`_write_atomic`)."""
-    _write_atomic(Path(path), lambda fh: Image.fromarray(array).save(fh, format="PNG"))
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    """Write a text file atomically and durably (:func:`_write_atomic`, synced to disk)."""
-    _write_atomic(Path(path), lambda fh: fh.write(text.encode()), sync=True)
-
-
-def is_temporary(path: Path) -> bool:
-    """A temporary of :func:`_write_atomic` (also those of earlier versions, ``.NAME.XXXX.png.tmp``)."""
-    return path.name.startswith(".") and path.name.endswith(".tmp")
-
-
-def remove_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporaries that killed writers left in ``folder``; only while no writer runs."""
-    found = [p for p in folder.iterdir() if is_temporary(p) and p.is_file()]
-    for path in found:
-        path.unlink(missing_ok=True)
-    return found
+    """Write a PNG atomically (:func:`stedm.fileio.write_atomic`)."""
+    write_atomic(path, lambda fh: Image.fromarray(array).save(fh, format="PNG"))

@@ -52,6 +52,7 @@ from torch.utils.data import Dataset
 
 from stedm.data.contract import image_to_tensor
 from stedm.data.transforms import train_transform
+from stedm.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +263,8 @@ class LatentStore:
         return self.folder / f"{key}-o{op}.npy"
 
     def write(self, key: str, op: int, latent: np.ndarray) -> None:
-        path = self.path(key, op)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as fh:
-            np.save(fh, np.ascontiguousarray(latent, dtype=np.float32))
-        os.replace(tmp, path)  # atomic: concurrent builders (DDP ranks) never see half a file
+        # atomic: concurrent builders (DDP ranks) never see half a file
+        write_atomic(self.path(key, op), lambda fh: np.save(fh, np.ascontiguousarray(latent, dtype=np.float32)))
 
     def crop(self, where: LatentCrop) -> Tensor:
         path = self.path(where.key, where.op)

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from stedm.data.base import SegmentationDataset
-from stedm.data.io import write_text_atomic
+from stedm.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def load_cache(path: Path) -> dict[str, list[int]]:
 def save_cache(path: Path, cache: dict[str, list[int]]) -> None:
     """Written atomically: processes (DDP ranks) writing at once never leave half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps(cache), path)
+    write_text_atomic(json.dumps(cache), path, sync=True)
 
 
 def verify_files(datasets: Iterable[SegmentationDataset], cache_dir: str | Path | None = None) -> int:

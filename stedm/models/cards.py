@@ -19,7 +19,6 @@ sha256 of its card whenever there is one (a changed or damaged copy is refused).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from stedm.fileio import atomic_path, file_digest, write_text_atomic
 
 CARD_FORMAT = "stedm-card/1"
 CARD_SUFFIX = ".card.json"
@@ -68,7 +69,7 @@ def write_weights(path: str | Path, tensors: dict[str, Tensor], card: dict[str, 
     unless ``overwrite``. Returns the path and the weights' sha256."""
     from safetensors.torch import save_file
 
-    from stedm.models.weights import sha256_of
+    from stedm.models.weights import safetensors_ready
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -77,30 +78,17 @@ def write_weights(path: str | Path, tensors: dict[str, Tensor], card: dict[str, 
     if not overwrite and (path.exists() or card_file.exists()):
         raise FileExistsError(f"{path} exists already; it is not overwritten (move it away or choose another name)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    seen: set[int] = set()
-    plain = {}
-    for name, tensor in tensors.items():  # safetensors refuses tensors that share memory
-        tensor = tensor.detach().to("cpu")
-        pointer = tensor.untyped_storage().data_ptr()
-        plain[name] = (tensor.clone() if pointer in seen else tensor).contiguous()
-        seen.add(pointer)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(plain, str(tmp), metadata={"format": CARD_FORMAT, "card": card_file.name})
-        digest = sha256_of(tmp)
+    with atomic_path(path) as tmp:
+        save_file(safetensors_ready(tensors), str(tmp), metadata={"format": CARD_FORMAT, "card": card_file.name})
+        digest = file_digest(tmp)
         full = {"format": CARD_FORMAT, **card, "weights": {"file": path.name, "sha256": digest}}
         full.setdefault("provenance", provenance())
-        tmp.replace(path)
-        write_card(card_file, full)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_card(card_file, full)
     return path, digest
 
 
 def write_card(path: Path, card: dict[str, Any]) -> None:
-    from stedm.data.io import write_text_atomic
-
-    write_text_atomic(json.dumps(card, indent=2, sort_keys=False, default=str) + "\n", path)
+    write_text_atomic(json.dumps(card, indent=2, sort_keys=False, default=str) + "\n", path, sync=True)
 
 
 def read_card(weights: str | Path) -> dict[str, Any] | None:
@@ -119,10 +107,8 @@ def read_card(weights: str | Path) -> dict[str, Any] | None:
 
 def verify(weights: str | Path, card: dict[str, Any], argument: str) -> None:
     """``weights`` has the sha256 its card records; a changed or damaged copy is refused."""
-    from stedm.models.weights import sha256_of
-
     expected = (card.get("weights") or {}).get("sha256")
-    if expected and sha256_of(weights) != expected:
+    if expected and file_digest(weights) != expected:
         raise ValueError(f"{argument}={str(weights)!r}: its sha256 differs from the one its card "
                          f"{card_path(weights).name} records ({expected[:12]}...); the file was changed or damaged "
                          "(copied incompletely?): copy or fetch it again")

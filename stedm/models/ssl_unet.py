@@ -37,6 +37,8 @@ from diffusers.models.attention_processor import (
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
+from stedm.fileio import atomic_path
+
 log = logging.getLogger(__name__)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -311,9 +313,8 @@ def save_pretrained_unet(path: str | Path, config: dict[str, Any], ema: dict[str
                                       "weight_sets": list(weights)}, overwrite=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": PRETRAINED_FORMAT, "config": dict(config), "weights": weights}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": PRETRAINED_FORMAT, "config": dict(config), "weights": weights}, tmp)
 
 
 def _read_safetensors_export(path: Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stedm.fileio import file_digest
+
 CONVERT_COMMAND = "python -m stedm.weights convert {path} {out} --trust-pickle"
 NESTED_KEYS = ("state_dict", "model")  # Lightning / LDM release checkpoints, torchvision-style files
 
@@ -24,10 +26,21 @@ class UnsafeFileError(ValueError):
 
 
 def sha256_of(path: str | Path) -> str:
-    """sha256 of a file (:func:`stedm.data.io.file_digest`: remembered per path, size and mtime)."""
-    from stedm.data.io import file_digest
-
+    """sha256 of a file (:func:`stedm.fileio.file_digest`, which :mod:`stedm.weights_cache` still calls by this name)."""
     return file_digest(path)
+
+
+def safetensors_ready(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` as safetensors writes them: detached, on the CPU, contiguous, and no two sharing
+    memory (safetensors refuses those: the second of a pair is cloned)."""
+    seen: set[int] = set()
+    ready = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu")
+        pointer = tensor.untyped_storage().data_ptr()
+        ready[name] = (tensor.clone() if pointer in seen else tensor).contiguous()
+        seen.add(pointer)
+    return ready
 
 
 def load_safely(path: str | Path, argument: str, out_suffix: str = ".safetensors") -> Any:
@@ -145,19 +158,12 @@ def convert_weights(source: str | Path, target: str | Path, trust_pickle: bool) 
     if target.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        state = extract_state_dict(plain(payload, dropped), str(source))
-        seen: set[int] = set()
-        tensors = {}
-        for name, tensor in state.items():  # safetensors refuses tensors that share memory
-            pointer = tensor.untyped_storage().data_ptr()
-            tensors[name] = (tensor.clone() if pointer in seen else tensor).contiguous()
-            seen.add(pointer)
-        save_file(tensors, str(target))
+        save_file(safetensors_ready(extract_state_dict(plain(payload, dropped), str(source))), str(target))
         read_state_dict(target)  # reads back
     else:
         torch.save(plain(payload, dropped), target)
         torch.load(target, map_location="cpu", weights_only=True)  # reads back without unpickling code
-    return target, sha256_of(target), dropped
+    return target, file_digest(target), dropped
 
 
 def load_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str,

@@ -18,7 +18,6 @@ with the ones the checkpoint was trained with; ``style_sampling`` defaults to th
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -30,20 +29,19 @@ from tqdm import tqdm
 
 from stedm.config import differences
 from stedm.data.contract import tensor_to_image
-from stedm.data.datamodule import build_dataset, entry_ratios
-from stedm.data.io import is_temporary, remove_temporaries, write_png_atomic, write_text_atomic
-from stedm.data.synthetic import (MANIFEST, PAIR_IMAGE, PAIR_MASK, SETTINGS, append_manifest, read_manifest,
-                                  repair_manifest)
-from stedm.data.transforms import train_transform
+from stedm.data.datamodule import entry_ratios, train_dataset
+from stedm.data.io import write_png_atomic
+from stedm.data.pair_folder import (MANIFEST, PAIR_IMAGE, PAIR_MASK, RANK_MANIFEST, append_manifest, layout_class_names,
+                                    merge_rank_manifests, open_output, read_manifest)
 from stedm.diffusion.guidance import GUIDANCE_MODES
 from stedm.diffusion.sampling import SAMPLERS, sample
+from stedm.fileio import file_digest
 from stedm.models.style import null_style_like
-from stedm.models.weights import load_safely, sha256_of
+from stedm.models.weights import load_safely
 from stedm.run import prepare, resolve_precision
 from stedm.tasks.diffusion import CHOICES_KEY, CONFIG_KEY, build_model, check_random_first_stage, prediction_config
 
 log = logging.getLogger(__name__)
-RANK_MANIFEST = "manifest.rank{}.jsonl"  # the records of rank > 0, until rank zero merges them
 # _target_ values a checkpoint's stored config may name besides stedm.* (those conf/ uses);
 # users add their own with trusted_targets=[...]
 TRUSTED_TARGETS = ("torch.optim.Adam", "torch.optim.AdamW")
@@ -198,12 +196,8 @@ class PairSource:
         if with_style and len(names) < 2:
             raise ValueError(f"predict_diff needs two entries, layouts then styles: data/dataset=[x_anno,x_unanno] "
                              f"(got {names})")
-        transform = train_transform(int(cfg.data.patch_size), **OmegaConf.to_container(cfg.data.augment or {}))
-        self.layouts = build_dataset(cfg.data, names[0], "train", transform)
-        self.styles = None
-        if with_style:
-            sampler = instantiate(cfg.style_sampling.sampler)
-            self.styles = build_dataset(cfg.data, names[1], "train", transform, sampler)
+        self.layouts = train_dataset(cfg.data, names[0])
+        self.styles = train_dataset(cfg.data, names[1], instantiate(cfg.style_sampling.sampler)) if with_style else None
         self.seed = int(cfg.seed)
 
     def __call__(self, i: int) -> dict[str, Any]:
@@ -229,7 +223,7 @@ def settings_of(cfg: DictConfig, checkpoint: Path, layout_classes: int | None = 
     (the model's layout: 2 with ``data.binary_layout``), read back by ``*_syn`` entries."""
     keys = ("seed", "sampler", "steps", "spacing", "cfg_scale", "rescale", "guidance_mode")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    settings = {"checkpoint_sha256": sha256_of(checkpoint), "data": resolved["data"]["dataset"],
+    settings = {"checkpoint_sha256": file_digest(checkpoint), "data": resolved["data"]["dataset"],
                 "data_augment": resolved["data"].get("augment"), "num_classes": resolved["data"]["num_classes"],
                 "patch_size": int(cfg.data.patch_size), "style_sampling": resolved["style_sampling"],
                 **{k: resolved[k] for k in keys}}
@@ -239,68 +233,6 @@ def settings_of(cfg: DictConfig, checkpoint: Path, layout_classes: int | None = 
     if cfg.get("style_sampling_trained") is not None:
         settings["style_sampling_trained"] = resolved["style_sampling_trained"]
     return settings
-
-
-def layout_class_names(data: dict[str, Any], layout_classes: int) -> list[str]:
-    """Names of the layout's classes: the data's, or background / foreground for a binary layout."""
-    names = [str(n) for n in data.get("class_names") or []]
-    if len(names) == layout_classes:
-        return names
-    return [names[0] if names else "background", "foreground"] if layout_classes == 2 else \
-        [f"class {i}" for i in range(layout_classes)]
-
-
-def read_settings(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is unreadable ({err}): the folder's settings are unknown; choose another "
-                         "+predict_dir, or pass overwrite=true to replace its pairs") from None
-
-
-def open_output(folder: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Create or reuse ``folder`` and gather the pairs an earlier run finished into the manifest.
-    Never mixes two settings: a refusal names each setting that differs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stored = folder / SETTINGS
-    has_pairs = any(folder.glob("img_*.png")) or (folder / MANIFEST).is_file()
-    if stored.is_file():
-        try:
-            changed = differences(read_settings(stored), settings)
-        except ValueError:
-            if not overwrite:
-                raise
-            changed = ["the settings file is unreadable"]
-        if changed and has_pairs:
-            if not overwrite:
-                raise FileExistsError(
-                    f"{folder} holds pairs written with other settings:\n  " + "\n  ".join(changed)
-                    + "\nchoose another +predict_dir, or pass overwrite=true to replace them")
-            log.warning("overwrite=true: replacing the pairs in %s (%s)", folder, "; ".join(changed))
-            for path in [*folder.glob("*_*.png"), folder / MANIFEST, *folder.glob(RANK_MANIFEST.format("*"))]:
-                path.unlink(missing_ok=True)
-    elif any(not is_temporary(p) for p in folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} is not empty and was not written by predict_diff.py; "
-                              "choose another +predict_dir, or pass overwrite=true")
-    remove_temporaries(folder)
-    write_text_atomic(json.dumps(settings, indent=1, sort_keys=True), stored)
-    repair_manifest(folder)
-    merge_rank_manifests(folder)
-
-
-def merge_rank_manifests(folder: Path) -> None:
-    """Move the records of the other ranks' manifests into ``manifest.jsonl`` (rank zero's job: it
-    is the manifest's one writer). A line cut short by a kill is dropped: its pair is redone."""
-    done = read_manifest(folder)
-    for part in sorted(folder.glob(RANK_MANIFEST.format("*"))):
-        records = []
-        for line in part.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        append_manifest(folder / MANIFEST, [r for r in records if int(r["index"]) not in done])
-        part.unlink()
 
 
 # -- processes ---------------------------------------------------------------------------------

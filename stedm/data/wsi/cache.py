@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from stedm.data.io import file_digest  # noqa: F401  (re-exported: the WSI caches key by it)
+from stedm.fileio import file_digest, write_atomic  # noqa: F401  (file_digest re-exported: the WSI caches key by it)
 
 
 def cache_key(*parts: Any) -> str:
@@ -24,16 +22,9 @@ def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write) -> None:
+def _write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, write)
 
 
 def load_arrays(cache_dir: Path | None, key: str) -> dict[str, np.ndarray] | None:
@@ -48,7 +39,7 @@ def load_arrays(cache_dir: Path | None, key: str) -> dict[str, np.ndarray] | Non
 
 def save_arrays(cache_dir: Path | None, key: str, arrays: Mapping[str, np.ndarray]) -> None:
     if cache_dir is not None:
-        _atomic_write(Path(cache_dir) / f"{key}.npz", lambda fh: np.savez(fh, **arrays))
+        _write(Path(cache_dir) / f"{key}.npz", lambda fh: np.savez(fh, **arrays))
 
 
 def mask_cache_path(cache_dir: Path, key: str) -> Path:
@@ -56,4 +47,4 @@ def mask_cache_path(cache_dir: Path, key: str) -> Path:
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda fh: np.save(fh, array))
+    _write(path, lambda fh: np.save(fh, array))
