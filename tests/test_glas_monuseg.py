@@ -83,19 +83,21 @@ def test_glas_bad_input_is_refused_with_a_clear_message(glas_root, tmp_path):
 
 
 def test_xml_rasteriser_matches_hand_counted_polygons(tmp_path):
+    # Pixel (row, col) is centred at (col + 0.5, row + 0.5); a centre on a left/top edge is inside,
+    # on a right/bottom edge outside (stedm.data.rasterise).
     path = tmp_path / "a.xml"
     write_monuseg_xml(path, [RECTANGLE, TRIANGLE])
     instances = rasterise_instances(read_xml_polygons(path), (24, 24))
     rectangle = np.zeros((24, 24), bool)
-    rectangle[3:5, 2:6] = True  # rows (y) 3..4, columns (x) 2..5
+    rectangle[2:4, 1:5] = True  # centres x in [1.5, 5.5): columns 1..4; y in [2.5, 4.5): rows 2..3
     assert np.array_equal(instances == 1, rectangle)
-    ys, xs = np.nonzero(instances == 2)
-    assert len(ys) == 45 and (xs >= 11).all() and (ys >= 11).all() and (xs + ys <= 30).all()
+    ys, xs = np.nonzero(instances == 2)  # the left and top edges run through centres: 10 + 9 + ... + 1
+    assert len(ys) == 55 and (xs >= 10).all() and (ys >= 10).all() and (xs + ys <= 29).all()
     # overlap: the later region wins; a region beyond the border is cut off
     overlap = rasterise_instances([np.array(RECTANGLE), np.array([(3.5, 0.5), (30.0, 0.5), (30.0, 3.5), (3.5, 3.5)])],
                                   (24, 24))
-    assert overlap[3, 4] == 2 and overlap[3, 2] == 1 and overlap[4, 4] == 1
-    assert (overlap == 2).sum() == 3 * (24 - 4)
+    assert overlap[2, 3] == 2 and overlap[2, 1] == 1 and overlap[3, 3] == 1
+    assert (overlap == 2).sum() == 3 * (24 - 3)
 
 
 def test_monuseg_loads_official_layout(tmp_path):
@@ -111,7 +113,7 @@ def test_monuseg_loads_official_layout(tmp_path):
             check_sample(sample, num_classes=2)
             assert len(sample["instances"].unique()) - 1 == len(polygons[offset + i])
             assert torch.equal(sample["mask"], (sample["instances"] > 0).long())
-    assert (train[1]["instances"] == 2).sum() == 45  # the triangle
+    assert (train[1]["instances"] == 2).sum() == 55  # the triangle
     unlabelled = MoNuSegDataset(role="unlabelled", split="train", class_train_samples=1, **kwargs)
     assert len(unlabelled) == 2 and not unlabelled[0]["labelled"]
 

@@ -21,7 +21,7 @@ from stedm.data.datamodule import StedmDataModule
 from stedm.data.style import MultiPatchStyle, NearbyStyle
 from stedm.data.wsi import WSIDataset
 from stedm.data.wsi.annotations import AnnotationSource, load_annotations
-from stedm.data.wsi.rasterise import Polygon, rasterise_polygons
+from stedm.data.rasterise import Polygon, rasterise_polygons
 from stedm.data.wsi.slide import SlideReader
 from stedm.data.wsi.tissue import TissueParams, detect_tissue
 from wsi_fixtures import (

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import tifffile
-from skimage.draw import polygon as fill_polygon
 
 from stedm.data.official_split import ImageItem, OfficialSplitDataset, pair_by_stem
+from stedm.data.rasterise import Polygon, open_ring, rasterise_polygons
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -35,16 +35,15 @@ def read_xml_polygons(path: Path) -> list[np.ndarray]:
 def rasterise_instances(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
     """Instance map ``H x W`` int32: polygon ``i`` (0-based) fills id ``i + 1``, 0 = background.
 
-    A pixel belongs to a polygon when its centre (integer ``(x, y)``) lies inside it
-    (``skimage.draw.polygon``); parts outside the image are cut off. Where polygons overlap,
-    the later one wins; polygons with fewer than 3 vertices fill nothing (their id is unused).
+    A pixel belongs to a polygon when its centre lies inside it; pixel ``(row, col)`` is the unit
+    square from ``(col, row)`` to ``(col + 1, row + 1)``, the convention of the whole-slide
+    annotations (:mod:`stedm.data.rasterise`). Parts outside the image are cut off. Where
+    polygons overlap, the later one wins. A polygon with fewer than 3 vertices (a closing repeat
+    of the first not counted), or one that holds no pixel centre, fills nothing (its id is unused).
     """
-    instances = np.zeros(shape, dtype=np.int32)
-    for instance_id, vertices in enumerate(polygons, start=1):
-        if len(vertices) >= 3:
-            rows, cols = fill_polygon(vertices[:, 1], vertices[:, 0], shape=shape)
-            instances[rows, cols] = instance_id
-    return instances
+    shapes = [Polygon.from_rings(instance_id, [vertices]) for instance_id, vertices in enumerate(polygons, start=1)
+              if len(open_ring(vertices)) >= 3]
+    return rasterise_polygons(shapes, 0.0, 0.0, 1.0, *shape, fill=0, dtype=np.int32)
 
 
 def read_tiff_rgb(path: Path) -> np.ndarray:

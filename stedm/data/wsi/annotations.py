@@ -42,7 +42,7 @@ import numpy as np
 from stedm.data.base import check_mask_values
 from stedm.data.contract import IGNORE_INDEX
 from stedm.data.wsi.cache import cache_key, file_digest, load_arrays, mask_cache_path, save_arrays, save_npy
-from stedm.data.wsi.rasterise import Polygon, rasterise_polygons
+from stedm.data.rasterise import Polygon, rasterise_polygons
 
 FORMAT_VERSION = 1  # bump when parsing or rasterisation changes, to invalidate caches
 UNCLASSIFIED = "Unclassified"

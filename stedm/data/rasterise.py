@@ -1,11 +1,15 @@
 """Exact polygon rasterisation: a pixel is inside a polygon when its *centre* is.
 
-A raster with level-0 origin ``(x0, y0)`` and downsample ``d`` has pixel ``(i, j)`` centred at
-level-0 ``(x0 + (j + 0.5) d, y0 + (i + 0.5) d)``. A polygon is a list of rings (exterior
-first, then holes) of level-0 ``(x, y)`` vertices; the even-odd rule over all its rings leaves
-holes empty whatever their orientation. Centres lying exactly on an edge follow the half-open
-rule (inside on a left/top edge, outside on a right/bottom edge), so polygons that share an
-edge never both claim a pixel.
+The one rasteriser of annotation polygons: whole-slide annotations (level-0 coordinates,
+:mod:`stedm.data.wsi.annotations`) and MoNuSeg's nuclei (image coordinates, origin 0,
+downsample 1, :mod:`stedm.data.monuseg`). A raster with origin ``(x0, y0)`` and downsample
+``d`` has pixel ``(i, j)`` centred at ``(x0 + (j + 0.5) d, y0 + (i + 0.5) d)``. At origin 0 and
+downsample 1, pixel ``(i, j)`` is the unit square from ``(j, i)`` to ``(j + 1, i + 1)`` (the
+GeoJSON/QuPath convention): a square from ``(0, 0)`` to ``(2, 2)`` covers exactly pixels 0..1 x
+0..1. A polygon is a list of rings (exterior first, then holes) of ``(x, y)`` vertices; the
+even-odd rule over all its rings leaves holes empty whatever their orientation. Centres lying
+exactly on an edge follow the half-open rule (inside on a left/top edge, outside on a
+right/bottom edge), so polygons that share an edge never both claim a pixel.
 
 Scanline fill: every edge crosses each pixel row whose centre it spans once; a crossing toggles
 the parity of all pixels to its right. Crossings are accumulated with ``np.add.at`` and a
@@ -26,7 +30,7 @@ from stedm.data.contract import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Polygon:
-    """One annotated polygon: class id, edges ``E x 4`` (x1, y1, x2, y2; level 0), bounding box, area."""
+    """One annotated polygon: its label (class or instance id), edges ``E x 4`` (x1, y1, x2, y2), bounding box, area."""
 
     label: int
     edges: np.ndarray
@@ -35,15 +39,19 @@ class Polygon:
 
     @classmethod
     def from_rings(cls, label: int, rings: Sequence[np.ndarray]) -> "Polygon":
-        rings = [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in rings]
-        rings = [r[:-1] if len(r) > 1 and np.array_equal(r[0], r[-1]) else r for r in rings]  # closed rings
-        rings = [r for r in rings if len(r) >= 3]
+        rings = [r for r in map(open_ring, rings) if len(r) >= 3]
         if not rings:
             raise ValueError("a polygon needs a ring of at least 3 vertices")
         edges = np.concatenate([np.concatenate([r, np.roll(r, -1, axis=0)], axis=1) for r in rings])
         lo, hi = rings[0].min(axis=0), rings[0].max(axis=0)
         area = abs(ring_area(rings[0])) - sum(abs(ring_area(r)) for r in rings[1:])
         return cls(int(label), edges[edges[:, 1] != edges[:, 3]], (lo[0], lo[1], hi[0], hi[1]), float(area))
+
+
+def open_ring(ring: np.ndarray) -> np.ndarray:
+    """A ring's ``N x 2`` float vertices without the closing repeat of the first one."""
+    ring = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+    return ring[:-1] if len(ring) > 1 and np.array_equal(ring[0], ring[-1]) else ring
 
 
 def ring_area(ring: np.ndarray) -> float:
@@ -78,9 +86,10 @@ def fill_edges(edges: np.ndarray, x0: float, y0: float, downsample: float, heigh
 
 
 def rasterise_polygons(polygons: Sequence[Polygon], x0: float, y0: float, downsample: float, height: int,
-                       width: int, fill: int = IGNORE_INDEX) -> np.ndarray:
-    """``uint8 height x width`` class ids of ``polygons`` painted in order; ``fill`` elsewhere."""
-    out = np.full((height, width), fill, dtype=np.uint8)
+                       width: int, fill: int = IGNORE_INDEX, dtype: type = np.uint8) -> np.ndarray:
+    """``height x width`` labels of ``polygons`` painted in order (a later one over an earlier one);
+    ``fill`` elsewhere. ``dtype``: uint8 for class ids, a wider integer for instance ids."""
+    out = np.full((height, width), fill, dtype=dtype)
     for polygon in polygons:
         bx0, by0, bx1, by1 = polygon.bbox
         # Only the pixels whose centres fall in the bounding box can be inside.
