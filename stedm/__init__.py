@@ -8,6 +8,8 @@ _os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
 
+from stedm.compat import install as _install_moved_modules  # noqa: E402
 from stedm.config import register_resolvers as _register_resolvers  # noqa: E402
 
 _register_resolvers()
+_install_moved_modules()  # old module paths (configs, checkpoints) keep importing: stedm/compat.py

@@ -30,6 +30,7 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from stedm.compat import upgrade_flat
 from stedm.config import differences, flatten
 from stedm.fileio import file_digest
 
@@ -43,6 +44,7 @@ ALLOWED_CHANGES = (
     "trainer.max_epochs", "trainer.max_steps",  # train longer (or stop sooner)
     "trainer.enable_progress_bar", "trainer.log_every_n_steps",
     "checkpoint.every_n_train_steps",
+    "sampling.*", "model.sampling.*",  # how the sample grids are drawn: pictures, not training
 )
 """Keys that may differ between a checkpoint and the run that continues from it."""
 WITHOUT_CHECKPOINTS = ("predict_diff",)
@@ -165,7 +167,7 @@ def check_identity(cfg: DictConfig, path: Path, stored: dict[str, Any] | None) -
         log.warning("%s holds no run identity (written by an older version): continuing without checking that "
                     "its settings match this run's", path)
         return
-    changed = differences(stored, identity(cfg), allowed_changes(cfg))
+    changed = differences(upgrade_flat(stored), identity(cfg), allowed_changes(cfg))  # read at today's keys
     if changed:
         raise ValueError(
             f"resume: {path} was trained with other settings than this run ('{cfg.run_name}'):\n  "

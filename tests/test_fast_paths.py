@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from stedm.diffusion.options import run_options
 from stedm.models.denoiser import build_denoiser
 from stedm.models.first_stage import build_first_stage
 from stedm.models.layout import LayoutEncoder
@@ -73,8 +74,8 @@ def test_fast_defaults_and_the_reference_path_one_override_away(compose_cfg):
     reference = compose_cfg("train_diff", ["model.optimizer.fused=null"])
     assert not instantiate(reference.model.optimizer)(weight, lr=1e-3).defaults["fused"]
 
-    predict = compose_cfg("predict_diff", [])
-    assert (predict.sampler, predict.batched_guidance, predict.shared_trunk) == ("dpm_solver", True, True)
+    predict = run_options(compose_cfg("predict_diff", []))
+    assert (predict.solver, predict.batched_guidance, predict.shared_trunk) == ("dpm_solver", True, True)
     assert predict.steps <= 10
-    paper = compose_cfg("predict_diff", ["sampler=ddim", "steps=128", "batched_guidance=false"])
-    assert (paper.sampler, paper.steps, paper.batched_guidance) == ("ddim", 128, False)
+    paper = run_options(compose_cfg("predict_diff", ["sampler=ddim", "steps=128", "batched_guidance=false"]))
+    assert (paper.solver, paper.steps, paper.batched_guidance) == ("ddim", 128, False)

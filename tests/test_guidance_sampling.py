@@ -1,4 +1,4 @@
-"""Noise schedules, classifier-free guidance and the samplers, against their definitions."""
+"""Noise schedules, classifier-free guidance and the solvers, against their definitions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stedm.diffusion.guidance import guide, guided_model_fn
-from stedm.diffusion.sampling import logsnr_timesteps, noise_for_indices, paper_ddim_timesteps, sample
+from stedm.diffusion.solvers import logsnr_timesteps, noise_for_indices, paper_ddim_timesteps, sample
 from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
 from stedm.models.denoiser import build_denoiser
 
@@ -147,18 +147,18 @@ def test_paper_ddim_makes_143_calls_and_ends_at_t0_of_the_trajectory():
     oracle = Oracle(scheduler, x0)
     a = scheduler.alphas_cumprod
     x_start = a[995].sqrt() * x0 + (1 - a[995]).sqrt() * noise
-    out = sample(oracle, x_start, scheduler, sampler="ddim", steps=128, spacing="paper")
+    out = sample(oracle, x_start, scheduler, solver="ddim", steps=128, spacing="paper")
     assert oracle.calls == 143
     # LDM's last "previous" alpha is alphas_cumprod[0]: the result is x at t = 0 of the DDIM trajectory.
     torch.testing.assert_close(out, a[0].sqrt() * x0 + (1 - a[0]).sqrt() * noise, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler,spacing", [("ddim", "trailing"), ("ddim", "leading")])
-def test_diffusers_ddim_recovers_x0_in_the_requested_steps(sampler, spacing):
+@pytest.mark.parametrize("solver,spacing", [("ddim", "trailing"), ("ddim", "leading")])
+def test_diffusers_ddim_recovers_x0_in_the_requested_steps(solver, spacing):
     scheduler = make_scheduler()
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     oracle = Oracle(scheduler, x0)
-    out = sample(oracle, torch.randn(2, 3, 8, 8), scheduler, sampler=sampler, steps=12, spacing=spacing)
+    out = sample(oracle, torch.randn(2, 3, 8, 8), scheduler, solver=solver, steps=12, spacing=spacing)
     assert oracle.calls == 12
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
@@ -170,7 +170,7 @@ def test_dpm_solver_ends_at_t0_like_the_paper_ddim_in_the_requested_steps(spacin
     scheduler = make_scheduler()
     x0, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
     oracle = Oracle(scheduler, x0)
-    out = sample(oracle, noise, scheduler, sampler="dpm_solver", steps=12, spacing=spacing)
+    out = sample(oracle, noise, scheduler, solver="dpm_solver", steps=12, spacing=spacing)
     assert oracle.calls == 12
     a0 = scheduler.alphas_cumprod[0]
     torch.testing.assert_close(out, a0.sqrt() * x0 + (1 - a0).sqrt() * oracle.first_noise, atol=1e-4, rtol=1e-4)
@@ -187,9 +187,9 @@ def gaussian_eps(scheduler, data_std: float):
     return model_fn
 
 
-@pytest.mark.parametrize("sampler,steps,tolerance", [("ddim", 500, 0.02), ("ddim", 128, 0.06),
+@pytest.mark.parametrize("solver,steps,tolerance", [("ddim", 500, 0.02), ("ddim", 128, 0.06),
                                                      ("dpm_solver", 20, 0.015), ("dpm_solver", 10, 0.05)])
-def test_samplers_solve_the_same_ode_from_the_same_noise(sampler, steps, tolerance):
+def test_solvers_solve_the_same_ode_from_the_same_noise(solver, steps, tolerance):
     """For Gaussian data the probability-flow ODE keeps x_t / sqrt(Var x_t) constant, so a sampler
     started from noise scaled to its first timestep's variance must reach noise * sqrt(Var x_0)
     at t = 0. The paper's DDIM and the fast multistep solvers (logsnr spacing) all get there
@@ -200,9 +200,9 @@ def test_samplers_solve_the_same_ode_from_the_same_noise(sampler, steps, toleran
     noise = noise_for_indices(range(3), seed=7, shape=(3, 8, 8)).double()
     for data_std in (0.25, 0.5, 1.0):
         variance = a_bar * data_std**2 + 1 - a_bar
-        first = {"ddim": int(paper_ddim_timesteps(1000, steps)[0])}.get(sampler, 999)
+        first = {"ddim": int(paper_ddim_timesteps(1000, steps)[0])}.get(solver, 999)
         out = sample(gaussian_eps(scheduler, data_std), (noise * variance[first].sqrt()).float(), scheduler,
-                     sampler=sampler, steps=steps)
+                     solver=solver, steps=steps)
         relative = (out.double() / (noise * variance[0].sqrt()) - 1).abs().max()
         assert relative < tolerance, (data_std, float(relative))
 
@@ -231,7 +231,7 @@ def test_logsnr_spacing_beats_uniform_time_spacing_with_few_steps():
     errors = {}
     for spacing in ("logsnr", "linspace"):
         out = sample(gaussian_eps(scheduler, data_std), (noise * variance[999].sqrt()).float(), scheduler,
-                     sampler="dpm_solver", steps=10, spacing=spacing)
+                     solver="dpm_solver", steps=10, spacing=spacing)
         errors[spacing] = float((out.double() / variance[0].sqrt() - 1).abs().max())
     assert errors["logsnr"] < 0.05 < errors["linspace"]
 
@@ -239,20 +239,20 @@ def test_logsnr_spacing_beats_uniform_time_spacing_with_few_steps():
 def test_ddpm_sampler_is_reproducible_with_a_generator():
     scheduler = make_scheduler(beta_start=1e-4, beta_end=0.02)
     x0, noise = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4)
-    runs = [sample(Oracle(scheduler, x0), noise, scheduler, sampler="ddpm", steps=20,
+    runs = [sample(Oracle(scheduler, x0), noise, scheduler, solver="ddpm", steps=20,
                    generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     torch.testing.assert_close(runs[0], x0, atol=0.05, rtol=0)
 
 
-def test_sample_rejects_unknown_sampler_and_paper_spacing_outside_ddim():
+def test_sample_rejects_unknown_solver_and_paper_spacing_outside_ddim():
     scheduler = make_scheduler()
-    with pytest.raises(ValueError, match="sampler"):
-        sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, sampler="euler")
+    with pytest.raises(ValueError, match="solver"):
+        sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, solver="euler")
     with pytest.raises(ValueError, match="paper"):
-        sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, sampler="dpm_solver", spacing="paper")
-    with pytest.raises(ValueError, match="spacing of sampler 'ddpm' must be one of"):
-        sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, sampler="ddpm", spacing="logsnr")
+        sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, solver="dpm_solver", spacing="paper")
+    with pytest.raises(ValueError, match="spacing of solver 'ddpm' must be one of"):
+        sample(lambda x, t: x, torch.zeros(1, 3, 4, 4), scheduler, solver="ddpm", spacing="logsnr")
 
 
 def test_noise_per_index_does_not_depend_on_the_batch():

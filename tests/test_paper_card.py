@@ -15,7 +15,8 @@ from diffusers import DDPMScheduler
 from hydra.utils import instantiate
 
 from conftest import compose_in
-from stedm.diffusion.sampling import paper_ddim_timesteps
+from stedm.diffusion.options import SamplingOptions, run_options
+from stedm.diffusion.solvers import paper_ddim_timesteps
 from stedm.models.denoiser import DENOISER_PRESETS
 from stedm.models.first_stage import VQ_F4_CONFIG
 from stedm.models.ssl_unet import PRESETS as SSL_PRESETS
@@ -55,7 +56,7 @@ def test_train_diff_paper_numbers(paper, data):
     assert cfg.base_lr == 1e-7 and cfg.trainer.max_epochs == 25 and cfg.trainer.accumulate_grad_batches == 4
     assert cfg.data.batch_base == 2 and cfg.data.patch_size == 512 and cfg.data.samples == 10000
     model = cfg.model
-    assert model.style_dropout == 0.25 and model.ema_decay == 0.9999 and model.cfg_scale == 1.5
+    assert model.style_dropout == 0.25 and model.ema_decay == 0.9999 and model.sampling.cfg_scale == 1.5
     assert model.prediction_type == "epsilon" and model.loss == "l1"
     assert model.noise_schedule.beta_schedule == "scaled_linear" and model.noise_schedule.num_train_timesteps == 1000
     assert (model.noise_schedule.beta_start, model.noise_schedule.beta_end) == (0.0015, 0.0205)
@@ -86,7 +87,7 @@ def test_denoiser_first_stage_and_null_style_numbers_in_code():
     assert NULL_STYLE_VALUE == -2.0 and null_style_like(torch.zeros(1, 2, 3, 4, 4)).eq(-2).all()
     defaults = inspect.signature(StyleDiffusion).parameters
     assert defaults["style_dropout"].default == 0.25 and defaults["ema_decay"].default == 0.9999
-    assert defaults["cfg_scale"].default == 1.5 and defaults["rescale"].default == 0.7
+    assert (SamplingOptions().cfg_scale, SamplingOptions().rescale) == (1.5, 0.7)  # StyleDiffusion's default sampling
 
 
 def test_swin_style_encoder_head_is_768_to_512(paper):
@@ -106,12 +107,15 @@ def test_style_sampling_and_svit_numbers(paper):
 
 def test_predict_diff_guidance_and_its_documented_sampler_deviation(paper):
     cfg = paper("predict_diff", "data=flowers")
-    assert cfg.cfg_scale == 1.5 and cfg.rescale == 0.7 and cfg.guidance_mode == "stedm"
+    options = run_options(cfg)
+    assert options.cfg_scale == 1.5 and options.rescale == 0.7 and options.guidance_mode == "stedm"
     assert cfg.num_pairs is None  # 2 x data.samples
-    # ours: DPM-Solver++ with 8 model calls; the paper's DDIM-143 is `sampler=ddim steps=128`
-    assert (cfg.sampler, cfg.steps) == ("dpm_solver", 8)
-    ddim = paper("predict_diff", "data=flowers", "sampler=ddim", "steps=128")
-    assert (ddim.sampler, ddim.steps, ddim.spacing) == ("ddim", 128, None)
+    # ours: DPM-Solver++ with 8 model calls; the paper's DDIM-143 is `sampling=paper`, or the
+    # README's `sampler=ddim steps=128` (aliases)
+    assert (options.solver, options.steps) == ("dpm_solver", 8)
+    ddim = run_options(paper("predict_diff", "data=flowers", "sampler=ddim", "steps=128"))
+    assert ddim == run_options(paper("predict_diff", "data=flowers", "sampling=paper")).replace(name="fast")
+    assert (ddim.solver, ddim.steps, ddim.spacing, ddim.cfg_scale) == ("ddim", 128, None, 1.5)
     assert len(paper_ddim_timesteps(1000, ddim.steps)) == 143
     assert "`sampler=ddim steps=128`" in README
 
@@ -189,7 +193,7 @@ def test_pretrain_ssl_paper_numbers(paper, data):
     assert cfg.data.batch_base == 8 and cfg.data.patch_size == 256 and cfg.data.augment.flips
     assert cfg.model.prediction_type == "epsilon" and cfg.model.weighting == "p2"
     assert (cfg.model.p2_k, cfg.model.p2_gamma) == (1.0, 1.0)
-    assert cfg.ssl_net.sampler == "ddpm" and cfg.ssl_net.sample_steps == 1000
+    assert cfg.model.sampling.solver == "ddpm" and cfg.model.sampling.steps == 1000
     module = instantiate(cfg.model, net=build_ssl_unet("tiny"), lr=cfg.lr)  # the real module, a tiny net
     assert module.noise_scheduler.config.num_train_timesteps == 1000
     torch.testing.assert_close(module.noise_scheduler.betas.double(), quadratic_betas(1e-4, 0.02), rtol=1e-5,

@@ -119,7 +119,7 @@ def test_style_diffusion_sampling_under_bf16_autocast_matches_fp32():
     """predict_diff's bf16 path: ``generate`` inside a bf16 autocast region (stedm/tasks/predict.py)."""
     model = style_diffusion().eval()
     batch = batches(1)[0]
-    kwargs = {"seed": 3, "sampler": "dpm_solver", "steps": 3, "cfg_scale": 1.5}
+    kwargs = {"seed": 3, "solver": "dpm_solver", "steps": 3, "cfg_scale": 1.5}
     fp32 = model.generate(batch["mask"], batch["style"], **kwargs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = model.generate(batch["mask"], batch["style"], **kwargs)

@@ -111,7 +111,7 @@ def test_killed_run_restarts_to_the_uninterrupted_result(trained):
                                      ("steps=0", "steps=0"), ("batch_size=0", "batch_size=0"),
                                      ("cfg_scale=-1.0", "cfg_scale=-1.0"), ("rescale=2.0", "rescale=2.0"),
                                      ("sampler=euler", "sampler=euler"),
-                                     ("sampler=ddim", "sampler=ddim steps=3 spacing=None")])  # paper spacing: no
+                                     ("sampler=ddim", "sampler=ddim steps=3 sampling.spacing=None")])  # paper spacing: no
 def test_impossible_settings_are_refused_before_any_folder(trained, bad, key):
     root, run = trained
     with pytest.raises(ValueError, match=f"^{re.escape(key)}"):

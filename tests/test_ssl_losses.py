@@ -10,8 +10,8 @@ from diffusers import DDPMScheduler
 from segmentation_models_pytorch.losses import DiceLoss
 
 from stedm.data.contract import IGNORE_INDEX
-from stedm.diffusion.weighting import LossWeighting
-from stedm.losses.ssl import FocalSSLoss, focal_loss, structural_similarity_loss
+from stedm.losses.diffusion import LossWeighting
+from stedm.losses.finetune import FocalSSLoss, focal_loss, structural_similarity_loss
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from histology_fixtures import write_glas
 from stedm.data.glas import GlasDataset
-from stedm.diffusion.sampling import noise_for_indices
+from stedm.diffusion.solvers import noise_for_indices
 from stedm.models.ssl_unet import build_ssl_segmenter, build_ssl_unet, load_pretrained_unet
 from stedm.modules.ssl_pretrain import PRETRAINED_FILENAME, SSLPretrainer
 
@@ -38,14 +38,14 @@ def test_loss_is_the_p2_weighted_epsilon_mse_averaged_over_the_batch():
     torch.testing.assert_close(doubled, loss, rtol=1e-5, atol=1e-7)
 
 
-def test_sampling_trajectory_is_seeded_and_runs_every_sampler():
-    module = tiny_pretrainer(sample_steps=4, sample_frames=3)
+def test_sampling_trajectory_is_seeded_and_runs_every_solver():
+    module = tiny_pretrainer(sampling={"solver": "ddpm", "steps": 4}, sample_frames=3)
     frames = module.sample_trajectory(2, (3, 16, 16))
     noise = noise_for_indices(range(2), 0, (3, 16, 16))
     assert frames.shape == (3, 2, 3, 16, 16) and torch.equal(frames[0], noise)  # starts at the fixed noise
     torch.testing.assert_close(module.sample_trajectory(2, (3, 16, 16)), frames)  # seeded: reproducible
-    for sampler in ("ddim", "dpm_solver"):
-        module.hparams.sampler = sampler
+    for solver in ("ddim", "dpm_solver"):
+        module.sampling = module.sampling.replace(solver=solver)
         assert torch.isfinite(module.sample_trajectory(2, (3, 16, 16))).all()
 
 
@@ -55,7 +55,7 @@ def test_lightning_pretraining_writes_weights_that_fine_tuning_loads(tmp_path):
     pool = GlasDataset(tmp_path / "glas", role="unlabelled", split="train", class_train_samples=0)
     loader = DataLoader(pool, batch_size=2, shuffle=True)
     module = tiny_pretrainer(optimizer=functools.partial(torch.optim.AdamW, weight_decay=0.0), lr=1e-3,
-                             sample_every_n_epochs=1, sample_steps=3, sample_images=2, sample_frames=4)
+                             sample_every_n_epochs=1, sampling={"solver": "ddpm", "steps": 3}, sample_images=2, sample_frames=4)
     initial = {k: v.clone() for k, v in module.net.state_dict().items()}
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, default_root_dir=tmp_path / "run", logger=False,
@@ -91,8 +91,10 @@ def test_lightning_pretraining_writes_weights_that_fine_tuning_loads(tmp_path):
 def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="SSLUNet"):
         SSLPretrainer(torch.nn.Conv2d(3, 3, 1))
-    with pytest.raises(ValueError, match="sampler"):
-        tiny_pretrainer(sampler="euler")
+    with pytest.raises(ValueError, match="model.sampling.solver=euler"):
+        tiny_pretrainer(sampling={"solver": "euler"})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sampler'\]"):
+        tiny_pretrainer(sampling={"sampler": "ddim"})
     with pytest.raises(ValueError, match="weighting"):
         tiny_pretrainer(weighting="snr")
     with pytest.raises(ValueError, match="attention must be one of"):

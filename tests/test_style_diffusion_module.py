@@ -89,7 +89,7 @@ def changed(module: torch.nn.Module, before: list[torch.Tensor]) -> bool:
 def trained(tmp_path_factory):
     """A style model after 3 optimizer steps (EMA now differs from the live weights)."""
     pl.seed_everything(0)
-    module = make_module(ema_decay=0.9, sample_steps=8)
+    module = make_module(ema_decay=0.9, sampling={"solver": "ddim", "steps": 8})
     fit(module, random_samples(12), tmp_path_factory.mktemp("trained"), max_steps=3)
     return module
 
@@ -112,7 +112,7 @@ def test_one_step_trains_denoiser_layout_encoder_style_encoder_and_aggregator(tm
 @pytest.mark.parametrize("prediction_type,loss", [("epsilon", "l1"), ("v_prediction", "l2")])
 def test_model_without_style_trains_and_generates(tmp_path, prediction_type, loss):
     pl.seed_everything(0)
-    module = make_module(style=None, prediction_type=prediction_type, loss=loss, sample_steps=5)
+    module = make_module(style=None, prediction_type=prediction_type, loss=loss, sampling={"solver": "ddim", "steps": 5})
     before = snapshot(module.denoiser)
     trainer = fit(module, random_samples(4, num_images=None), tmp_path, max_steps=1)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -162,7 +162,7 @@ def test_checkpoint_without_ema_starts_the_ema_from_its_weights(tmp_path):
 
 def test_sample_grid_is_written_every_n_steps(tmp_path):
     pl.seed_everything(0)
-    module = make_module(num_images=2, sample_every_n_steps=2, num_sample_images=3, sample_steps=4)
+    module = make_module(num_images=2, sample_every_n_steps=2, num_sample_images=3, sampling={"solver": "ddim", "steps": 4})
     fit(module, random_samples(8), tmp_path, max_steps=4)
     written = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert written == ["step_000002.png", "step_000004.png"]
@@ -191,10 +191,10 @@ def test_shared_trunk_guidance_gives_the_two_pass_images_with_one_trunk_pass_per
     trunk_batches = []
     hook = trained.denoiser.unet.conv_in.register_forward_hook(lambda m, i, o: trunk_batches.append(o.shape[0]))
     try:
-        shared = trained.generate(mask, style, cfg_scale=2.0, sampler="dpm_solver", steps=4, shared_trunk=True)
+        shared = trained.generate(mask, style, cfg_scale=2.0, solver="dpm_solver", steps=4, shared_trunk=True)
         assert trunk_batches == [2] * 4  # the layers before the style block: once per step, conditional batch only
         trunk_batches.clear()
-        two_pass = trained.generate(mask, style, cfg_scale=2.0, sampler="dpm_solver", steps=4, batched_guidance=False)
+        two_pass = trained.generate(mask, style, cfg_scale=2.0, solver="dpm_solver", steps=4, batched_guidance=False)
         assert trunk_batches == [2] * 8
     finally:
         hook.remove()
@@ -298,7 +298,7 @@ def test_layout_decides_where_the_colours_go(tmp_path):
     g = torch.Generator().manual_seed(0)
     masks = rectangle_masks(256, g)
     images = paint(masks, RED, BLUE)  # foreground red, background blue
-    module = make_module(style=None, prediction_type="v_prediction", lr=5e-3, sample_steps=25)
+    module = make_module(style=None, prediction_type="v_prediction", lr=5e-3, sampling={"solver": "ddim", "steps": 25})
     fit(module, [{"image": i, "mask": m} for i, m in zip(images, masks)], tmp_path, max_steps=150, batch_size=16)
 
     triangle = torch.ones(SIZE, SIZE).tril().long().expand(4, SIZE, SIZE)  # no rectangle: a new layout
@@ -317,7 +317,7 @@ def test_style_image_decides_the_colour(tmp_path):
     images = palette[colours].view(-1, 3, 1, 1) + 0.1 * torch.randn(256, 3, SIZE, SIZE, generator=g)
     # the style image: another texture in the target's colour
     styles = (palette[colours].view(-1, 1, 3, 1, 1) + 0.2 * torch.randn(256, 1, 3, SIZE, SIZE, generator=g))
-    module = make_module(style="svit", num_images=1, prediction_type="v_prediction", lr=5e-3, sample_steps=25)
+    module = make_module(style="svit", num_images=1, prediction_type="v_prediction", lr=5e-3, sampling={"solver": "ddim", "steps": 25})
     samples = [{"image": i, "mask": m, "style": s} for i, m, s in zip(images, masks, styles.clamp(-1, 1))]
     fit(module, samples, tmp_path, max_steps=150, batch_size=16)
 

@@ -53,7 +53,7 @@ def test_train_diff_runs_and_checkpoint_reloads(compose_cfg, sampling, agg):
 
 
 def test_sample_grid_is_written(compose_cfg):
-    cfg = compose_cfg("train_diff", [*TINY, "diffusion.sample_every_n_steps=2", "model.sample_steps=2"])
+    cfg = compose_cfg("train_diff", [*TINY, "diffusion.sample_every_n_steps=2", "sampling.steps=2"])
     train_diffusion(cfg)
     _, run = run_dirs(cfg)
     assert (run / "samples" / "step_000002.png").is_file()

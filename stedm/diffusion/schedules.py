@@ -1,38 +1,40 @@
 """Noise schedules and the two ways a denoiser's output is parameterised.
 
 One :class:`~diffusers.DDPMScheduler` holds the betas of a model; training draws noisy samples
-from it and every sampler (:mod:`stedm.diffusion.sampling`) is built from the same betas.
+from it and every solver (:mod:`stedm.diffusion.solvers`) is built from the same betas. Both
+diffusion modules take the schedule in one shape, ``noise_schedule`` = the keyword arguments of
+:func:`make_scheduler` except ``prediction_type`` (which each module takes on its own).
 
 The schedules of the two methods are both diffusers' ``scaled_linear`` (linear in sqrt(beta)):
-STEDM / LDM ``linear`` uses beta 0.0015 -> 0.0205, GenSelfDiff-HIS ``quadratic`` 1e-4 -> 0.02.
+STEDM / LDM ``linear`` uses beta 0.0015 -> 0.0205, GenSelfDiff-HIS ``quadratic`` 1e-4 -> 0.02
+(:data:`SCHEDULES`, the modules' defaults; ``conf/`` states them again as the paper's numbers).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: the two methods' schedules, in the ``noise_schedule`` shape
+SCHEDULES = {
+    "stedm": {"beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0205, "num_train_timesteps": 1000},
+    "genselfdiff": {"beta_schedule": "scaled_linear", "beta_start": 1e-4, "beta_end": 0.02, "num_train_timesteps": 1000},
+}
 
 
-def make_scheduler(
-    beta_schedule: str = "scaled_linear",
-    beta_start: float = 0.0015,
-    beta_end: float = 0.0205,
-    num_train_timesteps: int = 1000,
-    prediction_type: str = "epsilon",
-) -> DDPMScheduler:
-    """The training scheduler; the defaults are STEDM's (LDM "linear" in sqrt(beta))."""
+def make_scheduler(prediction_type: str = "epsilon", **noise_schedule: Any) -> DDPMScheduler:
+    """The training scheduler of ``noise_schedule`` (keys of :data:`SCHEDULES`; those not given
+    are STEDM's, LDM "linear" in sqrt(beta))."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps,
-        beta_schedule=beta_schedule,
-        beta_start=beta_start,
-        beta_end=beta_end,
-        prediction_type=prediction_type,
-        clip_sample=False,
-    )
+    unknown = sorted(set(noise_schedule) - set(SCHEDULES["stedm"]))
+    if unknown:
+        raise ValueError(f"noise_schedule: unknown key(s) {unknown}; known: {sorted(SCHEDULES['stedm'])}")
+    return DDPMScheduler(**{**SCHEDULES["stedm"], **noise_schedule}, prediction_type=prediction_type,
+                         clip_sample=False)
 
 
 def _alpha_bar(scheduler: DDPMScheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

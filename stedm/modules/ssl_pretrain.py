@@ -1,11 +1,12 @@
-"""SSL pretraining of GenSelfDiff-HIS (SPEC §2): train the U-Net as a DDPM denoiser on unlabelled images.
+"""SSL pretraining of GenSelfDiff-HIS (docs/method.md, 2 GenSelfDiff-HIS): train the U-Net as a DDPM denoiser on unlabelled images.
 
 Uses only ``batch["image"]`` (contract range ``[-1, 1]``), so labelled and unlabelled entries
 both feed it; random flips come from the data transforms. The loss is the λ_t-weighted MSE of
 the prediction (ε by default, P2 weighting by default), averaged over pixels and over the batch
 (the original summed over the batch, which tied the effective learning rate to the batch size).
-The schedule and training target come from :mod:`stedm.diffusion.schedules`, the weights from
-:mod:`stedm.diffusion.weighting`, the sampler from :mod:`stedm.diffusion.sampling`.
+The schedule comes from :mod:`stedm.diffusion.schedules`, the loss and its weights from
+:mod:`stedm.losses.diffusion`, the EMA from :mod:`stedm.modules.ema`, the solver of the sample
+grid from :mod:`stedm.diffusion.solvers`.
 
 Outputs written into ``trainer.default_root_dir`` (global rank zero only):
 
@@ -24,22 +25,22 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
 from PIL import Image
 from torchvision.utils import make_grid
 
 from stedm.data.contract import tensor_to_image
-from stedm.diffusion.sampling import SAMPLERS, noise_for_indices, sample
-from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
-from stedm.diffusion.weighting import LossWeighting
+from stedm.diffusion.options import SamplingOptions
+from stedm.diffusion.schedules import SCHEDULES, make_scheduler, to_epsilon
+from stedm.diffusion.solvers import noise_for_indices, sample
+from stedm.losses.diffusion import DiffusionLoss, LossWeighting
 from stedm.models.ssl_unet import save_pretrained_unet, set_attention
+from stedm.modules.ema import ParameterEMA
 from stedm.run import channels_last_input
 
 PRETRAINED_FILENAME = "pretrained_unet.pt"
@@ -50,12 +51,14 @@ class SSLPretrainer(pl.LightningModule):
     """Diffusion pretraining of an :class:`~stedm.models.ssl_unet.SSLUNet` (``net``).
 
     ``optimizer`` is a partial optimizer constructor (Hydra ``_partial_: true``) called as
-    ``optimizer(params, lr=lr)``; ``None`` means Adam. The schedule defaults to the paper's
-    T = 1000 "quadratic" betas (diffusers ``scaled_linear``). ``weighting`` is ``p2``
+    ``optimizer(params, lr=lr)``; ``None`` means Adam. ``noise_schedule`` (the shape both
+    diffusion modules take) defaults to the paper's T = 1000 "quadratic" betas
+    (``SCHEDULES["genselfdiff"]``, diffusers ``scaled_linear``). ``weighting`` is ``p2``
     (``1/(p2_k + SNR)^p2_gamma``), ``min_snr`` (γ = ``min_snr_gamma``) or ``none``. The sample
-    grid runs ``sample_steps`` steps of ``sampler`` (``ddpm`` = ancestral DDPM, the paper's, with
-    1000 steps; ``ddim``; ``dpm_solver``) without x0 clipping (as the original) and shows
-    ``sample_frames`` snapshots per trajectory; ``sample_every_n_epochs=0`` disables it.
+    grid runs ``sampling`` (a :class:`~stedm.diffusion.options.SamplingOptions` or its mapping;
+    its ``solver`` and ``steps``: ``ddpm`` = ancestral DDPM, the paper's, with 1000 steps;
+    ``ddim``; ``dpm_solver``) without x0 clipping (as the original) and shows ``sample_frames``
+    snapshots per trajectory; ``sample_every_n_epochs=0`` disables it.
 
     How the step computes, without changing what it computes (loss and gradients agree up to float
     rounding): ``attention`` picks the full attention's kernel (``sdpa``: torch's fused one;
@@ -75,10 +78,7 @@ class SSLPretrainer(pl.LightningModule):
         net: torch.nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr: float = 1e-4,
-        beta_schedule: str = "scaled_linear",
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
-        num_train_timesteps: int = 1000,
+        noise_schedule: Mapping[str, Any] | None = None,
         prediction_type: str = "epsilon",
         weighting: str = "p2",
         p2_k: float = 1.0,
@@ -86,8 +86,7 @@ class SSLPretrainer(pl.LightningModule):
         min_snr_gamma: float = 5.0,
         ema_decay: float = 0.9999,
         sample_every_n_epochs: int = 10,
-        sample_steps: int = 1000,
-        sampler: str = "ddpm",
+        sampling: SamplingOptions | Mapping[str, Any] | None = None,
         sample_images: int = 4,
         sample_frames: int = 10,
         attention: str = "sdpa",
@@ -96,19 +95,22 @@ class SSLPretrainer(pl.LightningModule):
         super().__init__()
         if not isinstance(getattr(net, "config", None), dict):
             raise TypeError("SSLPretrainer: net must be an SSLUNet (its .config rebuilds it from pretrained_unet.pt)")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got '{sampler}'")
+        self.sampling = SamplingOptions.from_config(
+            {"solver": "ddpm", "steps": 1000} if sampling is None else sampling, "model.sampling")
         if sample_frames < 2:
             raise ValueError(f"sample_frames must be >= 2 (first and last), got {sample_frames}")
-        self.save_hyperparameters(ignore=["net", "optimizer"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "sampling"])
+        self.hparams["sampling"] = self.sampling.to_dict()
         self.net = net
         set_attention(self.net, attention)
         self.optimizer = optimizer if optimizer is not None else functools.partial(torch.optim.Adam)
         self.lr = lr
-        self.noise_scheduler = make_scheduler(beta_schedule, beta_start, beta_end, num_train_timesteps, prediction_type)
+        self.noise_scheduler = make_scheduler(
+            prediction_type, **(SCHEDULES["genselfdiff"] if noise_schedule is None else noise_schedule))
         self.loss_weighting = LossWeighting(
             self.noise_scheduler, weighting, prediction_type, p2_k, p2_gamma, min_snr_gamma)
-        self.ema = EMAModel(self.net.parameters(), decay=ema_decay, foreach=ema_foreach)
+        self.loss = DiffusionLoss(self.noise_scheduler, "l2", self.loss_weighting)
+        self.ema = ParameterEMA(self.net.named_parameters, ema_decay, foreach=ema_foreach, on_missing="raise")
         self._sample_shape: tuple[int, ...] | None = None
 
     # -- training ---------------------------------------------------------------------------------
@@ -118,16 +120,8 @@ class SSLPretrainer(pl.LightningModule):
 
         ``noise`` and ``timesteps`` are drawn (from ``generator`` if given) unless passed.
         """
-        if noise is None:
-            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-        if timesteps is None:
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (images.shape[0],),
-                                      generator=generator, device=images.device)
-        prediction = self.net(channels_last_input(self.noise_scheduler.add_noise(images, noise, timesteps),
-                                                  self.channels_last), timesteps)
-        target = training_target(self.noise_scheduler, images, noise, timesteps)
-        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (self.loss_weighting(timesteps) * per_image).mean()
+        return self.loss(lambda x_t, t: self.net(channels_last_input(x_t, self.channels_last), t), images, noise,
+                         timesteps, generator)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
@@ -154,35 +148,23 @@ class SSLPretrainer(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.net.parameters(), lr=self.lr)
 
-    # -- EMA --------------------------------------------------------------------------------------
-    def _move_ema_to_net(self) -> None:
-        self.ema.to(device=next(self.net.parameters()).device)
-
-    def on_fit_start(self) -> None:
-        self._move_ema_to_net()
-
+    # -- EMA (stedm.modules.ema) ------------------------------------------------------------------
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Once per real optimizer step (after gradient accumulation), and before the checkpoint
         # callbacks of the same batch run, so a resumed run continues the exact EMA.
         super().optimizer_step(*args, **kwargs)
-        self.ema.step(self.net.parameters())
+        self.ema.update()
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """``net.state_dict()`` with every parameter replaced by its EMA value."""
-        state = dict(self.net.state_dict())
-        for (name, _), shadow in zip(self.net.named_parameters(), self.ema.shadow_params, strict=True):
-            state[name] = shadow
-        return state
+        return self.ema.averaged(self.net.state_dict())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ema"] = self.ema.state_dict()
+        self.ema.save(checkpoint)
         self._write_pretrained()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "ema" not in checkpoint:
-            raise KeyError("checkpoint has no 'ema' state; it was not written by SSLPretrainer")
-        self.ema.load_state_dict(checkpoint["ema"])
-        self._move_ema_to_net()
+        self.ema.load(checkpoint)
 
     def on_fit_end(self) -> None:
         self._write_pretrained()
@@ -211,7 +193,7 @@ class SSLPretrainer(pl.LightningModule):
         range, evenly spaced along the trajectory: the initial noise first, the final sample last.
         The starting noise and the sampler's noise are fixed by ``seed``.
         """
-        snapshot_every = math.ceil(self.hparams.sample_steps / (self.hparams.sample_frames - 1))
+        snapshot_every = math.ceil(self.sampling.steps / (self.hparams.sample_frames - 1))
         inputs: list[torch.Tensor] = []  # every snapshot_every-th denoiser input x_t, from x_T on
         calls = 0
 
@@ -224,8 +206,8 @@ class SSLPretrainer(pl.LightningModule):
 
         noise = noise_for_indices(range(num_images), seed, shape, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        final = sample(model_fn, noise, self.noise_scheduler, self.hparams.sampler, self.hparams.sample_steps,
-                       generator=generator)
+        final = sample(model_fn, noise, self.noise_scheduler, self.sampling.solver, self.sampling.steps,
+                       self.sampling.spacing, generator=generator)
         keep = torch.linspace(0, len(inputs) - 1, min(len(inputs), self.hparams.sample_frames - 1)).round().long()
         return torch.stack([inputs[i] for i in keep.tolist()] + [final])
 
@@ -235,12 +217,8 @@ class SSLPretrainer(pl.LightningModule):
             return
         if self._sample_shape is None:
             return
-        self.ema.store(self.net.parameters())
-        self.ema.copy_to(self.net.parameters())
-        try:
+        with self.ema.swapped_in():
             frames = self.sample_trajectory(self.hparams.sample_images, self._sample_shape)
-        finally:
-            self.ema.restore(self.net.parameters())
         # rows = samples, columns = trajectory
         grid = make_grid(frames.transpose(0, 1).flatten(0, 1).float(), nrow=frames.shape[0], padding=2, pad_value=1.0)
         path = Path(self.trainer.default_root_dir) / "samples" / f"epoch_{self.current_epoch:03d}.png"

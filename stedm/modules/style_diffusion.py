@@ -15,30 +15,30 @@ block only once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
 from stedm.data.contract import IGNORE_INDEX, tensor_to_image
 from stedm.data.latent_cache import training_latents
-from stedm.diffusion.guidance import GUIDANCE_MODES, guided_model_fn, guided_pair_fn
-from stedm.diffusion.sampling import SAMPLERS, Progress, noise_for_indices, sample
-from stedm.diffusion.schedules import make_scheduler, to_epsilon, training_target
+from stedm.diffusion.guidance import guided_model_fn, guided_pair_fn
+from stedm.diffusion.options import SamplingOptions
+from stedm.diffusion.schedules import SCHEDULES, make_scheduler, to_epsilon
+from stedm.diffusion.solvers import Progress, noise_for_indices, sample
+from stedm.losses.diffusion import DiffusionLoss
 from stedm.models.style import null_style_like
+from stedm.modules.ema import ParameterEMA
 from stedm.run import channels_last_input
 
 log = logging.getLogger(__name__)
-
-LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
 
 
 class StyleDiffusion(pl.LightningModule):
@@ -63,17 +63,17 @@ class StyleDiffusion(pl.LightningModule):
             STEDM (``data.binary_layout``, the one label-space key of a data setting; false: all
             ``num_classes``). Pixels marked ``IGNORE_INDEX`` count as background.
         noise_schedule: keyword arguments of :func:`stedm.diffusion.schedules.make_scheduler`
-            except ``prediction_type`` (defaults: STEDM's scaled_linear 0.0015 -> 0.0205, T = 1000).
+            except ``prediction_type``, the shape both diffusion modules take (default
+            ``SCHEDULES["stedm"]``: scaled_linear 0.0015 -> 0.0205, T = 1000).
         prediction_type: ``epsilon`` (STEDM) or ``v_prediction``.
-        loss: ``l1`` (STEDM) or ``l2``.
+        loss: the distance of :class:`stedm.losses.diffusion.DiffusionLoss`, ``l1`` (STEDM) or ``l2``.
         style_dropout: probability that a training sample's style images become the null style.
         ema_decay: decay of the EMA over every trainable parameter (``None``: no EMA; sampling
             then uses the live weights).
         sample_every_n_steps: write a sample grid every this many optimizer steps (0/None: never).
         num_sample_images: rows of that grid (taken from the current training batch).
-        sampler, sample_steps, spacing, cfg_scale, rescale, guidance_mode, batched_guidance,
-        shared_trunk: defaults of :meth:`generate` (see :func:`stedm.diffusion.sampling.sample` and
-            :func:`stedm.diffusion.guidance.guide`).
+        sampling: how the sample grid and :meth:`generate` sample by default, a
+            :class:`stedm.diffusion.options.SamplingOptions` or its mapping (``conf/sampling``).
         sample_seed: seed of the starting noise of the sample grid.
     """
 
@@ -99,21 +99,14 @@ class StyleDiffusion(pl.LightningModule):
         ema_decay: float | None = 0.9999,
         sample_every_n_steps: int | None = None,
         num_sample_images: int = 4,
-        sampler: str = "ddim",
-        sample_steps: int = 128,
-        spacing: str | None = None,
-        cfg_scale: float = 1.5,
-        rescale: float = 0.7,
-        guidance_mode: str = "stedm",
-        batched_guidance: bool = True,
-        shared_trunk: bool = True,
+        sampling: SamplingOptions | Mapping[str, Any] | None = None,
         sample_seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["denoiser", "first_stage", "layout_encoder", "style", "optimizer"])
-        _check_choice("loss", loss, LOSSES)
-        _check_choice("sampler", sampler, SAMPLERS)
-        _check_choice("guidance_mode", guidance_mode, GUIDANCE_MODES)
+        self.sampling = SamplingOptions.from_config(sampling, "model.sampling")
+        self.save_hyperparameters(ignore=["denoiser", "first_stage", "layout_encoder", "style", "optimizer",
+                                          "sampling"])
+        self.hparams["sampling"] = self.sampling.to_dict()
         if not 0.0 <= style_dropout <= 1.0:
             raise ValueError(f"style_dropout must lie in [0, 1], got {style_dropout}")
         has_style_path = getattr(denoiser, "style_injection", None) is not None
@@ -122,7 +115,7 @@ class StyleDiffusion(pl.LightningModule):
                 f"style={'null' if style is None else type(style).__name__} does not fit the denoiser's "
                 f"style_injection={getattr(denoiser, 'style_injection', None)!r}: style sampling 'none' needs "
                 "style_injection null, every other style sampling a style module and a style injection")
-        noise_schedule = dict(noise_schedule or {})
+        noise_schedule = dict(SCHEDULES["stedm"] if noise_schedule is None else noise_schedule)
         if "prediction_type" in noise_schedule:
             raise ValueError("set prediction_type on StyleDiffusion itself, not inside noise_schedule")
         layout_channels = 2 if binary_layout else num_classes
@@ -137,18 +130,21 @@ class StyleDiffusion(pl.LightningModule):
         self.layout_encoder = layout_encoder
         self.style = style
         self.noise_scheduler = make_scheduler(**noise_schedule, prediction_type=prediction_type)
+        self.loss = DiffusionLoss(self.noise_scheduler, loss)
         self._optimizer_factory = optimizer
         self.lr = lr
         self.layout_channels = layout_channels
         self.binary_layout = binary_layout
-        self.loss_fn = LOSSES[loss]
         self.style_dropout = style_dropout
-        self.ema = None if ema_decay is None else EMAModel(self._trainable_parameters(), decay=ema_decay, foreach=True)
+        self.ema = None if ema_decay is None else ParameterEMA(self._named_trainable, ema_decay)
         self._last_sample_step = -1
 
     # ------------------------------------------------------------------ conditioning
+    def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+
     def _trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+        return [p for _, p in self._named_trainable()]
 
     def layout_classes(self, mask: Tensor) -> Tensor:
         """Mask B x H x W (class ids, ``IGNORE_INDEX`` = background) -> the class ids of the
@@ -195,16 +191,15 @@ class StyleDiffusion(pl.LightningModule):
         # cached (data.cache_latents) or encoded now; contiguous, so the noise drawn like them is the
         # same in either memory format
         latents = training_latents(self.first_stage, batch).contiguous()
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        layout = self.layout_encoder(self.layout_onehot(batch["mask"]), latents.shape[-2:])
-        style = self._training_style(batch)
-        style_vector = None if style is None else self.style(style)
-        prediction = self.denoiser(channels_last_input(torch.cat([noisy, layout], dim=1), self.channels_last), t,
-                                   style_vector)
-        target = training_target(self.noise_scheduler, latents, noise, t)
-        loss = self.loss_fn(prediction.float(), target.float())
+
+        def denoise(noisy: Tensor, t: Tensor) -> Tensor:
+            layout = self.layout_encoder(self.layout_onehot(batch["mask"]), latents.shape[-2:])
+            style = self._training_style(batch)
+            style_vector = None if style is None else self.style(style)
+            return self.denoiser(channels_last_input(torch.cat([noisy, layout], dim=1), self.channels_last), t,
+                                 style_vector)
+
+        loss = self.loss(denoise, latents)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
@@ -215,7 +210,7 @@ class StyleDiffusion(pl.LightningModule):
         # Lightning calls this once per real optimizer step (after gradient accumulation).
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.step(self._ema_parameters())
+            self.ema.update()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         every, step = self.hparams.sample_every_n_steps, self.global_step
@@ -226,57 +221,27 @@ class StyleDiffusion(pl.LightningModule):
         if self.trainer.is_global_zero:
             self.write_sample_grid(batch, step)
 
-    # ------------------------------------------------------------------ EMA
-    def _ema_parameters(self) -> list[nn.Parameter]:
-        """The parameters the EMA tracks, with the EMA moved to their device (Lightning moves the
-        module after construction and checkpoints load on the CPU; the EMA is no submodule)."""
-        params = self._trainable_parameters()
-        if self.ema.shadow_params[0].device != params[0].device:
-            self.ema.to(device=params[0].device)
-        return params
-
+    # ------------------------------------------------------------------ EMA (stedm.modules.ema)
     def bake_ema(self) -> StyleDiffusion:
         """Copy the EMA weights into the model for good and drop the EMA: for inference only
         (``predict_diff.py``), so that every :meth:`generate` call skips swapping ~1 GB of
         weights (paper preset) in and out. Returns the module."""
         if self.ema is not None:
-            self.ema.copy_to(self._ema_parameters())
+            self.ema.bake()
             self.ema = None
         return self
 
-    @contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """Swap the EMA weights into the model for the duration of the block, then restore."""
-        if self.ema is None:
-            yield
-            return
-        params = self._ema_parameters()
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            self.ema.restore(params)
+    def ema_weights(self) -> Any:
+        """A context with the EMA weights swapped into the model (the live ones without an EMA)."""
+        return nullcontext() if self.ema is None else self.ema.swapped_in()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+            self.ema.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is None:
-            return
-        if "ema" not in checkpoint:
-            log.warning("the checkpoint holds no EMA weights; the EMA starts from the checkpoint's weights")
-            state = checkpoint["state_dict"]
-            names = [name for name, p in self.named_parameters() if p.requires_grad]
-            self.ema = EMAModel([state[name] for name in names], decay=self.ema.decay, foreach=True)
-            return
-        shadow = checkpoint["ema"]["shadow_params"]
-        own = self._trainable_parameters()
-        if [tuple(s.shape) for s in shadow] != [tuple(p.shape) for p in own]:
-            raise ValueError("the checkpoint's EMA weights do not match this model's trainable parameters; "
-                             "build the model with the config the checkpoint was trained with")
-        self.ema.load_state_dict(checkpoint["ema"])
+        if self.ema is not None:
+            self.ema.load(checkpoint)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -287,37 +252,26 @@ class StyleDiffusion(pl.LightningModule):
         noise: Tensor | None = None,
         seed: int = 0,
         indices: Sequence[int] | Tensor | None = None,
-        sampler: str | None = None,
-        steps: int | None = None,
-        spacing: str | None = None,
-        cfg_scale: float | None = None,
-        rescale: float | None = None,
-        guidance_mode: str | None = None,
-        batched_guidance: bool | None = None,
-        shared_trunk: bool | None = None,
+        sampling: SamplingOptions | None = None,
         progress: Progress | None = None,
+        **changes: Any,
     ) -> Tensor:
         """Images B x 3 x H x W in [-1, 1] for layouts ``mask`` (B x H x W) in the style of ``style``.
 
         ``style``: B x n x 3 x H x W in [-1, 1], required exactly when the model has a style path.
         Starting noise: ``noise`` (B x latent_channels x H/f x W/f) if given, else drawn per sample
         from (``seed``, ``indices[i]``) (``indices`` default 0..B-1), so a pair's image does not
-        depend on the batch it is generated in. Sampling arguments left ``None`` take the module's
-        defaults. Uses the EMA weights; guidance only with a style and ``cfg_scale`` != 1.
+        depend on the batch it is generated in. ``sampling``: the settings (default: the module's
+        ``sampling``), ``changes``: fields of it to change for this call (``steps=4``,
+        ``cfg_scale=1.0``, ...). Uses the EMA weights; guidance only with a style and
+        ``cfg_scale`` != 1.
 
         Guidance passes: ``batched_guidance`` False runs the conditional and the unconditional
         half as two forward passes (the original's way); True runs them as one batch, and with
         ``shared_trunk`` (and a denoiser that has ``forward_guided``) computes the layers before
         the style block once for both halves. All three give the same images.
         """
-        hp = self.hparams
-        sampler, steps = sampler or hp.sampler, steps or hp.sample_steps
-        spacing = spacing if spacing is not None else hp.spacing
-        cfg_scale = hp.cfg_scale if cfg_scale is None else cfg_scale
-        rescale = hp.rescale if rescale is None else rescale
-        guidance_mode = guidance_mode or hp.guidance_mode
-        batched_guidance = hp.batched_guidance if batched_guidance is None else batched_guidance
-        shared_trunk = hp.shared_trunk if shared_trunk is None else shared_trunk
+        options = (sampling or self.sampling).replace(**changes) if changes else (sampling or self.sampling)
         if (style is None) != (self.style is None):
             raise ValueError("generate(): pass style images exactly when the model has a style path "
                              f"(it has {'none' if self.style is None else 'one'})")
@@ -346,16 +300,18 @@ class StyleDiffusion(pl.LightningModule):
                     style = style.to(self.device)
                     cond = self.style(style)
                     # every sample's null style is the same image set: encode it once
-                    uncond = cond if cfg_scale == 1.0 else self.style(null_style_like(style[:1])).expand_as(cond)
-                    share_trunk = hasattr(self.denoiser, "forward_guided") and batched_guidance and shared_trunk
-                    if share_trunk and cfg_scale != 1.0:
+                    guided = options.cfg_scale != 1.0
+                    uncond = self.style(null_style_like(style[:1])).expand_as(cond) if guided else cond
+                    if guided and options.batched_guidance and options.shared_trunk \
+                            and hasattr(self.denoiser, "forward_guided"):
                         model_fn = guided_pair_fn(lambda x_t, t: self._predict_eps_pair(x_t, t, layout, cond, uncond),
-                                                  cfg_scale, rescale, guidance_mode)
+                                                  options.cfg_scale, options.rescale, options.guidance_mode)
                     else:
-                        model_fn = guided_model_fn(self._predict_eps, (layout, cond), (layout, uncond), cfg_scale,
-                                                   rescale, guidance_mode, batched_guidance)
-                latents = sample(model_fn, noise.to(self.device), self.noise_scheduler, sampler, steps, spacing,
-                                 progress)
+                        model_fn = guided_model_fn(self._predict_eps, (layout, cond), (layout, uncond),
+                                                   options.cfg_scale, options.rescale, options.guidance_mode,
+                                                   options.batched_guidance)
+                latents = sample(model_fn, noise.to(self.device), self.noise_scheduler, options.solver, options.steps,
+                                 options.spacing, progress)
                 return self.first_stage.decode(latents).clamp(-1.0, 1.0)
         finally:
             self.train(was_training)
@@ -389,7 +345,3 @@ def _sample_grid(layout: Tensor, image: Tensor, style: Tensor | None, generated:
     tiles = torch.stack([c.detach().float().cpu() for c in columns], dim=1).flatten(0, 1)
     return tensor_to_image(make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0))
 
-
-def _check_choice(name: str, value: Any, choices: Any) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from stedm.compat import upgrade_model_config
 from stedm.run import build_datamodule, build_trainer, fit, prepare
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ def prediction_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The stored model config to rebuild the model for prediction: its first stage built from the
     architecture the checkpoint records, without reading ``weights_path`` (the checkpoint's
     state_dict holds the first-stage weights, so the cache or file it was trained from need not
-    exist any more). Checkpoints written before the architecture was recorded keep their config."""
-    config = checkpoint[CONFIG_KEY]
+    exist any more). Checkpoints written before the architecture was recorded keep their config;
+    keys that moved since the checkpoint was written are read at their new place (:mod:`stedm.compat`)."""
+    config = upgrade_model_config(checkpoint[CONFIG_KEY])  # keys an earlier version kept elsewhere
     stored, built = config.get("first_stage") or {}, checkpoint.get(FIRST_STAGE_KEY)
     if built is None or stored.get("kind") == "identity":
         return config

@@ -19,7 +19,6 @@ with the ones the checkpoint was trained with; ``style_sampling`` defaults to th
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ from stedm.data.datamodule import entry_ratios, train_dataset
 from stedm.data.io import write_png_atomic
 from stedm.data.pair_folder import (MANIFEST, PAIR_IMAGE, PAIR_MASK, RANK_MANIFEST, append_manifest, layout_class_names,
                                     merge_rank_manifests, open_output, read_manifest)
-from stedm.diffusion.guidance import GUIDANCE_MODES
-from stedm.diffusion.sampling import SAMPLERS, sample
+from stedm.diffusion.options import SamplingOptions, run_options
 from stedm.fileio import file_digest
 from stedm.models.style import null_style_like
 from stedm.models.weights import load_safely
@@ -58,28 +56,7 @@ def check_arguments(cfg: DictConfig) -> None:
         raise ValueError(f"num_pairs={cfg.num_pairs}: give a positive number of pairs (null = 2 x data.samples)")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size}: give a positive number of pairs per batch")
-    if not isinstance(cfg.steps, int) or cfg.steps < 1:
-        raise ValueError(f"steps={cfg.steps}: give a positive number of sampling steps")
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"sampler={cfg.sampler}: choose one of {', '.join(SAMPLERS)}")
-    if cfg.guidance_mode not in GUIDANCE_MODES:
-        raise ValueError(f"guidance_mode={cfg.guidance_mode}: choose one of {', '.join(GUIDANCE_MODES)}")
-    for key, low, high in (("cfg_scale", 0.0, math.inf), ("rescale", 0.0, 1.0)):
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
-                or not math.isfinite(value):
-            raise ValueError(f"{key}={value}: give a finite number in [{low}, {high}]"
-                             + (" (1 = no guidance, 0 = unconditional)" if key == "cfg_scale" else ""))
-
-
-def check_sampler(cfg: DictConfig, model: torch.nn.Module) -> None:
-    """``sampler``/``steps``/``spacing`` the model's schedule can take (a run of the sampler over
-    a 1-pixel latent with a zero network: its timesteps are checked, nothing is computed)."""
-    try:
-        sample(lambda x, t: torch.zeros_like(x), torch.zeros(1, 1, 1, 1), model.noise_scheduler, cfg.sampler,
-               int(cfg.steps), cfg.spacing)
-    except ValueError as err:
-        raise ValueError(f"sampler={cfg.sampler} steps={cfg.steps} spacing={cfg.spacing}: {err}") from None
+    run_options(cfg)  # the sampling options (conf/sampling and its aliases), each checked
 
 
 # -- checkpoint --------------------------------------------------------------------------------
@@ -216,17 +193,22 @@ class PairSource:
 
 
 # -- output folder -----------------------------------------------------------------------------
-def settings_of(cfg: DictConfig, checkpoint: Path, layout_classes: int | None = None) -> dict[str, Any]:
+def settings_of(cfg: DictConfig, checkpoint: Path, layout_classes: int | None = None,
+                options: SamplingOptions | None = None) -> dict[str, Any]:
     """Everything that decides what a pair is (not their number, the batch size, or how a pair
     is computed: ``batched_guidance``/``shared_trunk`` agree within 2/255; not the checkpoint's
     path either, only its content). ``layout_classes``: the label space of the masks written
-    (the model's layout: 2 with ``data.binary_layout``), read back by ``*_syn`` entries."""
-    keys = ("seed", "sampler", "steps", "spacing", "cfg_scale", "rescale", "guidance_mode")
+    (the model's layout: 2 with ``data.binary_layout``), read back by ``*_syn`` entries.
+    ``options``: the run's sampling options (default :func:`run_options` of ``cfg``); the solver is
+    recorded as ``sampler``, the key folders have always had."""
+    options = options or run_options(cfg)
+    sampling = {"sampler": options.solver, **{k: getattr(options, k) for k in
+                                              ("steps", "spacing", "cfg_scale", "rescale", "guidance_mode")}}
     resolved = OmegaConf.to_container(cfg, resolve=True)
     settings = {"checkpoint_sha256": file_digest(checkpoint), "data": resolved["data"]["dataset"],
                 "data_augment": resolved["data"].get("augment"), "num_classes": resolved["data"]["num_classes"],
                 "patch_size": int(cfg.data.patch_size), "style_sampling": resolved["style_sampling"],
-                **{k: resolved[k] for k in keys}}
+                "seed": resolved["seed"], **sampling}
     if layout_classes is not None:
         settings["layout_classes"] = int(layout_classes)
         settings["class_names"] = layout_class_names(resolved["data"], int(layout_classes))
@@ -272,19 +254,20 @@ def predict_pairs(cfg: DictConfig) -> Path:
     same pairs whatever their number. Rank zero alone writes the settings and ``manifest.jsonl``
     (other ranks record theirs in ``manifest.rank<r>.jsonl``, merged into it at the end)."""
     check_arguments(cfg)
+    options = run_options(cfg)
     path = resolve_checkpoint(cfg)
     checkpoint = read_checkpoint(path, [str(t) for t in cfg.get("trusted_targets") or []])
     cfg = check_random_first_stage(cfg, checkpoint, path)
     cfg = resolve_choices(cfg, checkpoint, path)
     model = load_model(checkpoint)
     del checkpoint
-    check_sampler(cfg, model)
+    options.check_schedule(model.noise_scheduler)
     ctx = prepare(cfg, trains=False)
     fabric = start_processes(cfg, ctx.devices)
     rank, world = fabric.global_rank, fabric.world_size
     model = model.to(fabric.device)
     folder = Path(cfg.location.data_dir) / "syn_data" / str(cfg.predict_dir)
-    on_rank_zero_first(fabric, lambda: open_output(folder, settings_of(cfg, path, model.layout_channels),
+    on_rank_zero_first(fabric, lambda: open_output(folder, settings_of(cfg, path, model.layout_channels, options),
                                                      bool(cfg.overwrite)))
     done = read_manifest(folder)
     source = PairSource(cfg, with_style=int(cfg.style_sampling.num_images) > 0)
@@ -309,19 +292,15 @@ def predict_pairs(cfg: DictConfig) -> Path:
         else:
             styles = torch.stack([x["style"] for x in inputs]) if source.styles is not None else None
         with torch.autocast(fabric.device.type, dtype=torch.bfloat16, enabled=bf16):
-            images = model.generate(masks, styles, seed=int(cfg.seed), indices=indices, sampler=cfg.sampler,
-                                    steps=int(cfg.steps), spacing=cfg.spacing,
-                                    cfg_scale=float(cfg.cfg_scale), rescale=float(cfg.rescale),
-                                    guidance_mode=cfg.guidance_mode, batched_guidance=bool(cfg.batched_guidance),
-                                    shared_trunk=bool(cfg.shared_trunk))
+            images = model.generate(masks, styles, seed=int(cfg.seed), indices=indices, sampling=options)
         records = []
         for i, x, image in zip(indices, inputs, tensor_to_image(images)):
             write_png_atomic(image, folder / PAIR_IMAGE.format(i))
             # the mask in the layout's label space: what the image was conditioned on
             write_png_atomic(model.layout_classes(x["mask"][None])[0].numpy().astype("uint8"),
                              folder / PAIR_MASK.format(i))
-            records.append({"index": i, "seed": int(cfg.seed), "sampler": cfg.sampler, "steps": int(cfg.steps),
-                            "cfg_scale": float(cfg.cfg_scale), "checkpoint": str(path),
+            records.append({"index": i, "seed": int(cfg.seed), "sampler": options.solver, "steps": options.steps,
+                            "cfg_scale": float(options.cfg_scale), "checkpoint": str(path),
                             **{k: v for k, v in x.items() if k not in ("mask", "style")}})
         append_manifest(manifest, records)
         progress.update(len(indices))

@@ -1,10 +1,11 @@
-"""The one sampling loop, used by prediction, the training sample grid, benchmarks and tests.
+"""The diffusion solvers: the one sampling loop, used by prediction, the training sample grids,
+benchmarks and tests (the settings a run samples with: :class:`stedm.diffusion.options.SamplingOptions`).
 
-A sampler sees the network only through ``model_fn(x_t, t) -> eps`` (``t`` a 1-D long tensor of
+A solver sees the network only through ``model_fn(x_t, t) -> eps`` (``t`` a 1-D long tensor of
 batch size), so guidance, layout and style live in the caller's ``model_fn``
 (:func:`stedm.diffusion.guidance.guided_model_fn`) and counting network calls is trivial.
 
-Samplers:
+Solvers (``sampling.solver``):
 
 ``ddim`` with ``spacing="paper"``
     The original LDM DDIM (eta = 0): uniform spacing c = T // steps, timesteps
@@ -38,7 +39,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from stedm.diffusion.guidance import ModelFn
 
-SAMPLERS = ("ddim", "dpm_solver", "ddpm")
+SOLVERS = ("ddim", "dpm_solver", "ddpm")
 LOGSNR = "logsnr"  # steps uniform in log-SNR (dpm_solver)
 DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -90,26 +91,26 @@ def sample(
     model_fn: ModelFn,
     noise: torch.Tensor,
     scheduler: DDPMScheduler,
-    sampler: str = "ddim",
+    solver: str = "ddim",
     steps: int = 128,
     spacing: str | None = None,
     progress: Progress | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Run ``sampler`` from ``noise`` (B x C x h x w) and return the clean latent x0.
+    """Run ``solver`` from ``noise`` (B x C x h x w) and return the clean latent x0.
 
-    ``scheduler`` is the training scheduler (its betas define every sampler). ``spacing`` None
+    ``scheduler`` is the training scheduler (its betas define every solver). ``spacing`` None
     means ``paper`` for ``ddim``, ``logsnr`` for ``dpm_solver``, diffusers' default for ``ddpm``.
     ``progress`` wraps the timestep iterable (e.g. ``tqdm``). ``generator`` drives the noise of
     ``ddpm`` only.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     progress = progress or (lambda steps_: steps_)
-    if sampler == "ddim" and spacing in (None, "paper"):
+    if solver == "ddim" and spacing in (None, "paper"):
         timesteps = paper_ddim_timesteps(scheduler.config.num_train_timesteps, steps)
         return _ddim_paper(model_fn, noise, scheduler.alphas_cumprod, timesteps, progress)
-    return _diffusers_loop(model_fn, noise, _diffusers_sampler(sampler, scheduler, spacing, steps, noise.device),
+    return _diffusers_loop(model_fn, noise, _diffusers_scheduler(solver, scheduler, spacing, steps, noise.device),
                            progress, generator)
 
 
@@ -147,27 +148,27 @@ def _ddim_paper(
     return x
 
 
-def _diffusers_sampler(sampler: str, scheduler: DDPMScheduler, spacing: str | None, steps: int,
+def _diffusers_scheduler(solver: str, scheduler: DDPMScheduler, spacing: str | None, steps: int,
                        device: torch.device):
-    """The diffusers scheduler of ``sampler``, its ``steps`` timesteps set on ``device``."""
-    allowed = (*DIFFUSERS_SPACINGS, LOGSNR) if sampler == "dpm_solver" else DIFFUSERS_SPACINGS
+    """The diffusers scheduler of ``solver``, its ``steps`` timesteps set on ``device``."""
+    allowed = (*DIFFUSERS_SPACINGS, LOGSNR) if solver == "dpm_solver" else DIFFUSERS_SPACINGS
     if spacing == "paper":
-        raise ValueError(f"spacing 'paper' exists for sampler 'ddim' only; {sampler!r} takes {allowed}")
+        raise ValueError(f"spacing 'paper' exists for solver 'ddim' only; {solver!r} takes {allowed}")
     if spacing is not None and spacing not in allowed:
-        raise ValueError(f"spacing of sampler {sampler!r} must be one of {allowed}, got {spacing!r}")
+        raise ValueError(f"spacing of solver {solver!r} must be one of {allowed}, got {spacing!r}")
     # The model_fn always returns eps, whatever the network was trained to predict.
     overrides = {"prediction_type": "epsilon", "trained_betas": scheduler.betas.tolist()}
     if spacing is not None and spacing != LOGSNR:
         overrides["timestep_spacing"] = spacing
-    if sampler == "ddim":
+    if solver == "ddim":
         diffusers_scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, set_alpha_to_one=True,
                                                         **overrides)
-    elif sampler == "dpm_solver":  # ends at t = 0 like the paper's DDIM
+    elif solver == "dpm_solver":  # ends at t = 0 like the paper's DDIM
         diffusers_scheduler = DPMSolverMultistepScheduler.from_config(
             scheduler.config, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min", **overrides)
     else:
         diffusers_scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=False, **overrides)
-    if sampler == "dpm_solver" and spacing in (None, LOGSNR):
+    if solver == "dpm_solver" and spacing in (None, LOGSNR):
         timesteps = logsnr_timesteps(scheduler.alphas_cumprod, steps).tolist()
         diffusers_scheduler.set_timesteps(timesteps=timesteps, device=device)
     else:

@@ -1,4 +1,4 @@
-"""Fine-tuning losses of GenSelfDiff-HIS (SPEC §2): softmax focal loss + "structural similarity" loss.
+"""Fine-tuning losses of GenSelfDiff-HIS (docs/method.md, 2 GenSelfDiff-HIS): softmax focal loss + "structural similarity" loss.
 
 Every function takes ``logits`` ``B x C x H x W`` (any float dtype; computed in float32) and
 ``target`` ``B x H x W`` int64 class ids, where ``ignore_index`` pixels count nowhere. All terms

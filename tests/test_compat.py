@@ -1,0 +1,72 @@
+"""What moved keeps working: old module paths, and checkpoints and runs written before a move."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from conftest import compose_in
+from stedm.compat import MOVED_MODULES, upgrade_flat, upgrade_model_config
+from stedm.resume import identity
+from stedm.tasks.diffusion import CONFIG_KEY, train_diffusion
+from stedm.tasks.predict import predict_pairs
+
+TRAIN = ["preset=tiny", "data.patch_size=32", "location.precision=32-true", "data.samples=8", "trainer.max_steps=2",
+         "diffusion.sample_every_n_steps=0", "trainer.enable_progress_bar=false"]
+PREDICT = ["preset=tiny", "data.patch_size=32", "location.precision=32-true", "sampler=dpm_solver", "steps=3",
+           "progress=false", "num_pairs=3"]
+
+
+@pytest.mark.parametrize("old,new", sorted(MOVED_MODULES.items()))
+def test_old_module_paths_import_the_moved_module(old, new):
+    assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_old_target_paths_instantiate():
+    loss = instantiate({"_target_": "stedm.losses.ssl.FocalSSLoss"})
+    assert type(loss).__module__ == "stedm.losses.finetune"
+
+
+def _as_written_before_the_move(config: dict) -> dict:
+    """A StyleDiffusion config as train_diff.py stored it before the sampling options existed."""
+    old = {k: v for k, v in config.items() if k != "sampling"}
+    sampling = config["sampling"]
+    old.update(sampler=sampling["solver"], sample_steps=10, cfg_scale=sampling["cfg_scale"])
+    return old
+
+
+def test_checkpoint_written_before_the_move_predicts_the_same_pairs(tmp_path):
+    cfg = compose_in(tmp_path, "train_diff", TRAIN)
+    train_diffusion(cfg)
+    run_dir = tmp_path / "results" / "checkpoints" / cfg.run_name
+    checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
+    old = dict(checkpoint, **{CONFIG_KEY: _as_written_before_the_move(checkpoint[CONFIG_KEY])})
+    assert "sampling" not in old[CONFIG_KEY] and upgrade_model_config(old[CONFIG_KEY])["sampling"]["steps"] == 10
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "last.ckpt")
+
+    folders = [predict_pairs(compose_in(tmp_path, "predict_diff", [*PREDICT, f"+ckpt_name={ckpt}",
+                                                                   f"+predict_dir={name}"]))
+               for name, ckpt in (("new", cfg.run_name), ("old", tmp_path / "old" / "last.ckpt"))]
+    for i in range(3):
+        new_image, old_image = (np.asarray(Image.open(f / f"img_{i:05d}.png")) for f in folders)
+        assert np.array_equal(new_image, old_image)
+
+
+def test_identity_of_a_run_written_before_the_move_reads_at_the_new_keys(tmp_path):
+    cfg = compose_in(tmp_path, "pretrain_ssl", ["preset=tiny"])
+    now = identity(cfg)
+    old = {(key.replace("model.noise_schedule.", "model.") if key.startswith("model.noise_schedule.") else key): v
+           for key, v in now.items()}
+    old["model.sampler"], old["model.sample_steps"] = old.pop("model.sampling.solver"), old.pop("model.sampling.steps")
+    assert "model.beta_start" in old and upgrade_flat(old) == {k: v for k, v in now.items()
+                                                              if not k.startswith("model.sampling.")
+                                                              or k in ("model.sampling.solver", "model.sampling.steps")}
+    finetune = identity(compose_in(tmp_path, "finetune_ssl", ["preset=tiny", "from_scratch=true"]))
+    written_before = {**finetune, "model.loss._target_": "stedm.losses.ssl.FocalSSLoss"}
+    assert upgrade_flat(written_before) == finetune
