@@ -10,7 +10,9 @@ import torch
 
 from stedm.data.base import Record, SegmentationDataset
 from stedm.data.datamodule import SeededItems
+from stedm.data.demo import HED_STRONG, STAIN_SEED, demo_image_and_layout
 from stedm.data.transforms import seed_transform, train_transform
+from stedm.metrics.stain import hed_draw
 
 SIZE = 6
 PATTERN = np.arange(1, SIZE * SIZE + 1, dtype=np.int64).reshape(SIZE, SIZE)  # every pixel its own id
@@ -107,3 +109,14 @@ def test_seeded_getitem_is_reproducible_and_leaves_the_global_generator_alone():
     a, b = draw([5, 5])
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["instances"], b["instances"])
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_hed_draws_and_the_seeded_hed_jitter_give_the_numbers_they_gave_before_the_draw_moved():
+    # Pinned from stedm.data.demo's draw before it moved to stedm.metrics.stain.hed_draw.
+    alpha, beta = hed_draw(np.random.default_rng([STAIN_SEED, 1]), HED_STRONG)  # the demo's lab 1
+    assert np.r_[alpha, beta].tolist() == [0.8392688657068796, 0.9949207961847623, 1.1924887295385622,
+                                           0.11249091033804676, -0.019466944615060544, 0.1555177274291688]
+    jitter = train_transform(64, hed_jitter=HED_STRONG)
+    seed_transform(jitter, 7)
+    image, layout = demo_image_and_layout()
+    assert int(jitter(image=image[:200, :200], mask=layout[:200, :200])["image"].astype(np.int64).sum()) == 1294738

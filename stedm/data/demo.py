@@ -38,7 +38,7 @@ from functools import lru_cache
 import numpy as np
 
 from stedm.data.base import Record, SegmentationDataset, check_role
-from stedm.metrics.stain import hed_perturb
+from stedm.metrics.stain import hed_draw, hed_perturb
 
 GRID = 4
 REGION = 128
@@ -77,15 +77,11 @@ def region_roles(seed: int = 0) -> dict[str, list[int]]:
     }
 
 
-def _hed_draw(rng: np.random.Generator, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    return rng.uniform(1 - sigma, 1 + sigma, 3), rng.uniform(-sigma, sigma, 3)
-
-
 def lab_stain(lab: int) -> tuple[np.ndarray, np.ndarray]:
     """``(alpha, beta)`` of lab ``lab`` (0 = the scanner's stain: identity)."""
     if lab == SCANNER:
         return np.ones(3), np.zeros(3)
-    return _hed_draw(np.random.default_rng([STAIN_SEED, lab]), HED_STRONG)
+    return hed_draw(np.random.default_rng([STAIN_SEED, lab]), HED_STRONG)
 
 
 @lru_cache(maxsize=64)  # read on every load: computed once per (k, seed); callers only read it
@@ -101,7 +97,7 @@ def region_stains(k: int, seed: int = 0) -> dict[int, tuple[int, np.ndarray, np.
     for region, lab in labs.items():
         alpha, beta = lab_stain(lab)
         if region not in roles["pool"][:k]:
-            light_alpha, light_beta = _hed_draw(np.random.default_rng([STAIN_SEED, 100 + region]), HED_LIGHT)
+            light_alpha, light_beta = hed_draw(np.random.default_rng([STAIN_SEED, 100 + region]), HED_LIGHT)
             alpha, beta = alpha * light_alpha, beta + light_beta
         stains[region] = (lab, alpha, beta)
     return stains

@@ -8,25 +8,23 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from stedm.metrics.stain import hed_draw, hed_perturb
+
 
 class HEDJitter(A.ImageOnlyTransform):
     """Tellez et al.'s HED stain jitter of the image (the demo's stain simulation, one draw per
     patch): each stain channel ``s -> alpha * s + beta``, ``alpha ~ U(1 - sigma, 1 + sigma)``,
-    ``beta ~ U(-sigma, sigma)`` (:func:`stedm.data.demo._hed_draw`, :func:`stedm.metrics.stain.hed_perturb`)."""
+    ``beta ~ U(-sigma, sigma)`` (:func:`stedm.metrics.stain.hed_draw`, :func:`stedm.metrics.stain.hed_perturb`)."""
 
     def __init__(self, sigma: float, p: float = 1.0) -> None:
         super().__init__(p=p)
         self.sigma = float(sigma)
 
     def get_params_dependent_on_data(self, params, data):
-        from stedm.data.demo import _hed_draw
-
-        alpha, beta = _hed_draw(self.random_generator, self.sigma)
+        alpha, beta = hed_draw(self.random_generator, self.sigma)
         return {"alpha": alpha, "beta": beta}
 
     def apply(self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params) -> np.ndarray:
-        from stedm.metrics.stain import hed_perturb
-
         return hed_perturb(img, alpha, beta)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """Stain statistics in HED optical-density space: the one home of colour deconvolution and the
-HED stain perturbation (the demo's stain simulation, the QC's style fidelity).
+HED stain perturbation (the demo's stain simulation, the HED-jitter augmentation, the QC's
+style fidelity).
 
 Ruifrok & Johnston colour deconvolution with scikit-image's H/E/DAB matrices
 (``skimage.color.hed_from_rgb`` / ``rgb_from_hed``, the ones ``rgb2hed``/``hed2rgb`` use), in
@@ -28,6 +29,12 @@ def from_optical_density(od: np.ndarray) -> np.ndarray:
     from skimage.color import rgb_from_hed
 
     return (np.clip(np.exp(-(od @ rgb_from_hed)), 0, 1) * 255).round().astype(np.uint8)
+
+
+def hed_draw(rng: np.random.Generator, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """One draw of Tellez et al.'s HED perturbation at strength ``sigma``: ``(alpha, beta)`` with
+    ``alpha ~ U(1 - sigma, 1 + sigma)`` and ``beta ~ U(-sigma, sigma)`` per stain channel."""
+    return rng.uniform(1 - sigma, 1 + sigma, 3), rng.uniform(-sigma, sigma, 3)
 
 
 def hed_perturb(image: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
