@@ -90,13 +90,16 @@ class TiffSlideLevels:
 
     def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         level_width, level_height = self.level_dimensions[level]
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, level_width), min(y + height, level_height)
-        if x1 > x0 and y1 > y0:
-            region = self.slide.read_region((x0, y0), self.levels[level], (x1 - x0, y1 - y0),
-                                            as_array=True, padding=False)
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = region[..., :3]
+        if x1 <= x0 or y1 <= y0:
+            return np.full((height, width, 3), 255, dtype=np.uint8)
+        region = self.slide.read_region((x0, y0), self.levels[level], (x1 - x0, y1 - y0),
+                                        as_array=True, padding=False)[..., :3]
+        if region.shape == (height, width, 3):  # inside the level, RGB: nothing to pad or broadcast
+            return np.ascontiguousarray(region, dtype=np.uint8)
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = region  # a grey slide's one channel fills all three
         return out
 
 
