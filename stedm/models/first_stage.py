@@ -23,6 +23,8 @@ VQ_F4_CONFIG: dict[str, Any] = dict(
     act_fn="silu", latent_channels=3, num_vq_embeddings=8192, norm_num_groups=32, scaling_factor=1.0,
     mid_block_add_attention=True,
 )
+#: The diffusers class of each trainable first-stage kind.
+MODEL_CLASSES: dict[str, type] = {"vq_f4": VQModel, "kl": AutoencoderKL}
 
 
 class FirstStage(nn.Module, ABC):
@@ -31,8 +33,10 @@ class FirstStage(nn.Module, ABC):
     ``decode(z) -> x`` (not clipped: the caller clips to [-1, 1]).
 
     Its parameters never train and it stays in eval mode when a parent module calls ``.train()``.
+    ``kind`` is ``identity``, ``vq_f4`` or ``kl`` (what :func:`build_first_stage` takes).
     """
 
+    kind: str
     latent_channels: int
     downsample_factor: int
     scale_factor: float
@@ -54,7 +58,7 @@ class FirstStage(nn.Module, ABC):
 class IdentityFirstStage(FirstStage):
     """Pixel-space diffusion: the latent is the image itself."""
 
-    latent_channels, downsample_factor, scale_factor = 3, 1, 1.0
+    kind, latent_channels, downsample_factor, scale_factor = "identity", 3, 1, 1.0
 
     def encode(self, x: Tensor) -> Tensor:
         return x
@@ -70,6 +74,7 @@ class DiffusersFirstStage(FirstStage):
     def __init__(self, model: VQModel | AutoencoderKL):
         super().__init__()
         self.model = model
+        self.kind = kind_of(model)
         cfg = model.config
         self.latent_channels = cfg.latent_channels
         self.downsample_factor = 2 ** (len(cfg.block_out_channels) - 1)
@@ -77,28 +82,36 @@ class DiffusersFirstStage(FirstStage):
         self.freeze()
 
     def encode(self, x: Tensor) -> Tensor:
-        if isinstance(self.model, VQModel):
-            z = self.model.encode(x).latents
-        else:
+        if self.kind == "kl":
             z = self.model.encode(x).latent_dist.sample()
+        else:
+            z = self.model.encode(x).latents
         return z * self.scale_factor
 
     def decode(self, z: Tensor) -> Tensor:
         return self.model.decode(z / self.scale_factor).sample
 
 
+def kind_of(model: VQModel | AutoencoderKL) -> str:
+    """``vq_f4`` for a ``VQModel``, ``kl`` for an ``AutoencoderKL``."""
+    return "vq_f4" if isinstance(model, VQModel) else "kl"
+
+
+def model_class(kind: str) -> type:
+    """The diffusers class of first stage ``kind`` (``vq_f4`` | ``kl``); other kinds are refused."""
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"first stage kind={kind!r}; choose 'identity', 'vq_f4' or 'kl'")
+    return MODEL_CLASSES[kind]
+
+
 def architecture(model: VQModel | AutoencoderKL) -> dict[str, Any]:
     """``{"kind", "config"}`` that rebuilds ``model`` (what a model card records)."""
-    kind = "vq_f4" if isinstance(model, VQModel) else "kl"
     config = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(model.config).items() if not k.startswith("_")}
-    return {"kind": kind, "config": config}
+    return {"kind": kind_of(model), "config": config}
 
 
 def build_model(kind: str, config: dict[str, Any]) -> VQModel | AutoencoderKL:
-    model_cls = {"vq_f4": VQModel, "kl": AutoencoderKL}.get(kind)
-    if model_cls is None:
-        raise ValueError(f"first stage kind={kind!r}; choose 'identity', 'vq_f4' or 'kl'")
-    return model_cls(**({**VQ_F4_CONFIG, **config} if kind == "vq_f4" else config))
+    return model_class(kind)(**({**VQ_F4_CONFIG, **config} if kind == "vq_f4" else config))
 
 
 def build_first_stage(kind: str = "identity", weights_path: str | None = None, allow_random: bool = False,
@@ -119,9 +132,7 @@ def build_first_stage(kind: str = "identity", weights_path: str | None = None, a
         if weights_path is not None or kwargs:
             raise ValueError("first stage 'identity' takes no weights_path and no architecture arguments")
         return IdentityFirstStage()
-    if kind not in ("vq_f4", "kl"):
-        raise ValueError(f"first stage kind={kind!r}; choose 'identity', 'vq_f4' or 'kl'")
-    model_cls = VQModel if kind == "vq_f4" else AutoencoderKL
+    model_cls = model_class(kind)
     path = None
     if weights_path is not None:
         from stedm.weights_cache import resolve
