@@ -2,7 +2,7 @@
 
 Batch size and learning rate are computed here and nowhere else:
 ``batch = data.batch_base x location.batch_mul`` (per process) and
-``lr = base_lr x batch x world_size`` unless ``lr`` is given (SPEC §1; gradient accumulation
+``lr = base_lr x batch x world_size`` unless ``lr`` is given (docs/method.md, 1 STEDM; gradient accumulation
 is deliberately not part of the scaling, as in the paper).
 """
 

@@ -1,4 +1,4 @@
-"""The paper card: every published number of SPEC (/work/shared/SPEC.md) as ``preset=paper``
+"""The paper card: every published number (the tables of docs/method.md) as ``preset=paper``
 composes it, one by one, for each script and data setting. Composing needs no data on disk;
 numbers that live in code (presets, module defaults) are read from the real objects. Where we
 deviate on purpose (bf16 on clusters, DPM-Solver++ 8 for prediction, fused optimizers) the card

@@ -1,4 +1,4 @@
-"""Oxford-102 flowers in the official on-disk format (SPEC §1).
+"""Oxford-102 flowers in the official on-disk format (docs/method.md, 3 Data).
 
 ``root/imgs/image_%05d.jpg``, ``root/segs/segmim_%05d.jpg`` (background pure blue),
 ``root/imagelabels.mat`` (``labels``: 1-based class per image) and ``root/setid.mat``
@@ -10,7 +10,8 @@
 - unlabelled (the style pool): every other official *training* image (``trnid``) of the train
   classes plus the training images of the ``unanno_classes`` (the original built this pool from
   the wrong list). ``valid`` and ``tstid`` images are never in it: synthetic training pairs
-  would carry the appearance of evaluation images (SPEC reads "all images of the unanno classes").
+  would carry the appearance of evaluation images (the paper says "all images of the unanno
+  classes"; docs/method.md, 5 Deviations).
 Each image is its own case. Masks: 0 = background (R<=10, G<=10, B>=220), 1 = flower.
 """
 

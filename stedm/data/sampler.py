@@ -1,11 +1,11 @@
 """The training sampler: ratio-mixed, with replacement, distributed and resumable.
 
 Each epoch, entry ``j`` (of size ``n_j``) contributes ``int(samples * ratios[j])`` indices drawn
-uniformly *with replacement* (SPEC §1: ``ratios`` sets both epoch length and mix). The draws of
-all entries are concatenated (as offsets into a ``ConcatDataset``) and shuffled. The epoch's
-order depends only on ``(seed, epoch)``, so every rank computes the same list and takes the
-disjoint share ``order[rank::world_size]`` (the list is first cut to a multiple of the world
-size, so shares are equal and nothing is counted twice).
+uniformly *with replacement* (``ratios`` sets both epoch length and mix; docs/method.md, 3 Data).
+The draws of all entries are concatenated (as offsets into a ``ConcatDataset``) and shuffled.
+The epoch's order depends only on ``(seed, epoch)``, so every rank computes the same list and
+takes the disjoint share ``order[rank::world_size]`` (the list is first cut to a multiple of the
+world size, so shares are equal and nothing is counted twice).
 
 With ``item_seeds=True`` every position of the epoch also gets its own seed, and the sampler
 yields ``(index, seed)`` pairs: the item's random draws (crop, flips, style images) then come

@@ -1,4 +1,4 @@
-"""Style samplers: which images the style encoder sees for a training sample (SPEC §1).
+"""Style samplers: which images the style encoder sees for a training sample (docs/method.md, 1 STEDM).
 
 Interface: a sampler is called as ``sampler(dataset, record, image, rng)`` with the dataset the
 sample comes from, its loaded :class:`~stedm.data.base.Record` (``record.meta`` carries e.g. a

@@ -1,9 +1,9 @@
 """Where training patches come from: class groups with probabilities, uniform points in a map.
 
-A training location is drawn in three steps (SPEC §1): a class *group* by its probability
-(e.g. CATCH background 0.4 / tumour 0.5 / unannotated white 0.1), a slide uniformly among the
-slides that contain the group, and a point uniformly inside the group's area on that slide's
-low-resolution lookup map.
+A training location is drawn in three steps (docs/method.md, 3 Data): a class *group* by its
+probability (e.g. CATCH background 0.4 / tumour 0.5 / unannotated white 0.1), a slide uniformly
+among the slides that contain the group, and a point uniformly inside the group's area on that
+slide's low-resolution lookup map.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Tissue detection on a slide thumbnail (SPEC §1: min over RGB, blurred, thresholded, cleaned).
+"""Tissue detection on a slide thumbnail: min over RGB, blurred, thresholded, cleaned.
+
+The ``mp`` and ``nearby`` style samplers and the unlabelled pool draw their patches on tissue
+(docs/method.md, 1 STEDM).
 
 Stained tissue has at least one dark channel while glass is bright in all three, so the
 per-pixel minimum over RGB separates them; blurring removes speckle before the threshold, a
