@@ -33,24 +33,10 @@ RENAMED_MODEL_KEYS: dict[str, dict[str, str]] = {
         **{key: f"noise_schedule.{key}" for key in ("beta_schedule", "beta_start", "beta_end",
                                                      "num_train_timesteps")}},
 }
+#: keys of a run's config: old dotted key -> new one (``*`` stands for any one part)
+RENAMED_KEYS: dict[str, str] = {}
 
-
-def _renames(target: Any) -> dict[str, str]:
-    return RENAMED_MODEL_KEYS.get(str(target), {})
-
-
-def upgrade_model_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A model config (``_target_`` + constructor keys) with the keys of an earlier version moved
-    to their current place; a current config comes back as it is."""
-    renames = _renames(config.get("_target_"))
-    if not renames or not any(key in config for key in renames):
-        return config
-    upgraded = {key: value for key, value in config.items() if key not in renames}
-    for old, new in renames.items():
-        if old in config:
-            head, _, leaf = new.partition(".")
-            upgraded[head] = {**(upgraded.get(head) or {}), leaf: config[old]}
-    return upgraded
+Path = tuple[str, ...]
 
 
 def current_target(target: str) -> str:
@@ -59,17 +45,60 @@ def current_target(target: str) -> str:
     return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else target
 
 
-def upgrade_flat(flat: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
-    """The same for a flattened config (dotted keys, a run's identity): ``model.sample_steps`` of
-    a StyleDiffusion becomes ``model.sampling.steps``, and every ``_target_`` names its module's
-    current path."""
-    renames = _renames(flat.get(f"{prefix}_target_"))
-    upgraded = {}
-    for key, value in flat.items():
-        if key.startswith(prefix) and key[len(prefix):] in renames:
-            key = prefix + renames[key[len(prefix):]]
-        upgraded[key] = current_target(value) if key.endswith("_target_") and isinstance(value, str) else value
+def _renamed(path: Path, renames: dict[str, str]) -> Path:
+    for old, new in renames.items():
+        old_parts, new_parts = old.split("."), new.split(".")
+        head = path[:len(old_parts)]
+        if len(head) == len(old_parts) and all(o in ("*", p) for o, p in zip(old_parts, head)):
+            stars = iter(p for o, p in zip(old_parts, head) if o == "*")
+            return (*[next(stars) if n == "*" else n for n in new_parts], *path[len(old_parts):])
+    return path
+
+
+def _upgraded_leaves(leaves: dict[Path, Any], model: Path | None) -> dict[Path, Any]:
+    renames = dict(RENAMED_KEYS)
+    if model is not None:
+        prefix = ".".join(model) + "." if model else ""
+        renames.update({prefix + old: prefix + new for old, new in
+                        RENAMED_MODEL_KEYS.get(str(leaves.get((*model, "_target_"))), {}).items()})
+    return {_renamed(path, renames): current_target(value) if path[-1:] == ("_target_",) and isinstance(value, str)
+            else value for path, value in leaves.items()}
+
+
+def _leaves(value: Any, path: Path = ()) -> dict[Path, Any]:
+    if isinstance(value, dict) and value:
+        return {leaf: v for key, item in value.items() for leaf, v in _leaves(item, (*path, str(key))).items()}
+    return {path: value}
+
+
+def upgrade(config: dict[str, Any], model: str | None = None) -> dict[str, Any]:
+    """A config (nested dicts) with what an earlier version kept elsewhere moved to today's place:
+    renamed keys (:data:`RENAMED_KEYS`), the constructor keys of the model at ``model`` (a dotted
+    key, ``""`` for a model config itself: :data:`RENAMED_MODEL_KEYS`), and every ``_target_``
+    naming its module's current path. A current config comes back equal."""
+    if not config:
+        return config
+    upgraded: dict[str, Any] = {}
+    leaves = _leaves(config)
+    for path, value in _upgraded_leaves(leaves, None if model is None else tuple(filter(None, model.split(".")))
+                                        ).items():
+        node = upgraded
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
     return upgraded
+
+
+def upgrade_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config (``_target_`` + constructor keys) as stored by train_diff.py, at today's keys."""
+    return upgrade(config, model="")
+
+
+def upgrade_flat(flat: dict[str, Any], model: str = "model") -> dict[str, Any]:
+    """The same for a flattened config (dotted keys, a run's identity, whose model is ``model``):
+    ``model.sample_steps`` of a StyleDiffusion becomes ``model.sampling.steps``."""
+    leaves = {tuple(key.split(".")): value for key, value in flat.items()}
+    return {".".join(path): value for path, value in _upgraded_leaves(leaves, tuple(model.split("."))).items()}
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
