@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
+from benchmarks import harness as H
 
 CFG_SCALE = 1.5
 #: AdamW keyword arguments per optimizer variant (None = torch's default choice).
@@ -194,12 +194,14 @@ def reference_sample_setup() -> SampleSetup:
 
 def default_sample_setup(preset: str, overrides: tuple[str, ...] = ()) -> SampleSetup:
     """What ``predict_diff.py`` does by default with ``location=local`` on this machine."""
+    from stedm.diffusion.options import run_options
     from stedm.run import resolve_precision
 
     cfg = H.compose("predict_diff", preset, overrides)
     bf16 = resolve_precision(cfg.location).startswith("bf16")
-    return SampleSetup(cfg.sampler, int(cfg.steps), cfg.spacing, bool(cfg.batched_guidance),
-                       "bf16" if bf16 else "fp32", bool(cfg.batched_guidance and cfg.shared_trunk))
+    options = run_options(cfg)
+    return SampleSetup(options.solver, options.steps, options.spacing, options.batched_guidance,
+                       "bf16" if bf16 else "fp32", options.batched_guidance and options.shared_trunk)
 
 
 def sample_setups(precisions: list[str]) -> list[SampleSetup]:
@@ -214,7 +216,7 @@ def sample_setups(precisions: list[str]) -> list[SampleSetup]:
 def model_calls(module, sampler: str, steps: int, spacing: str | None) -> int:
     """Network calls ``sampler`` makes for ``steps`` requested steps: the real sampling loop with a
     stand-in network that only counts."""
-    from stedm.diffusion.sampling import sample
+    from stedm.diffusion.solvers import sample
 
     calls = 0
 
@@ -232,7 +234,7 @@ def _generate(module, inputs: dict[str, torch.Tensor], setup: SampleSetup, steps
               progress=None) -> torch.Tensor:
     """``generate`` as ``predict_diff.py`` calls it (autocast when bf16)."""
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=setup.precision == "bf16"):
-        return module.generate(inputs["mask"], inputs.get("style"), sampler=setup.sampler, steps=steps,
+        return module.generate(inputs["mask"], inputs.get("style"), solver=setup.sampler, steps=steps,
                                spacing=setup.spacing, cfg_scale=CFG_SCALE,
                                batched_guidance=setup.batched, shared_trunk=setup.shared_trunk, progress=progress)
 
@@ -393,8 +395,8 @@ def run_sampling(args, repeats: H.Repeats, precisions: list[str], peaks: dict[st
 
 
 def comparisons(args, repeats: H.Repeats) -> list[H.Comparison]:
-    """Reference path vs default path for each of ``args.presets``: issue 9's training-step row
-    (target 4x, memory at most 1.1x) and synthetic-pair row (target 25x)."""
+    """Reference path vs default path for each of ``args.presets``: the speed table's training-step
+    row (README, Performance; target 4x, memory at most 1.1x) and synthetic-pair row (target 25x)."""
     rows = []
     for preset in args.presets:
         if args.part in ("train", "all"):
@@ -430,7 +432,7 @@ def run_compare(args, repeats: H.Repeats, peaks: dict[str, float], memory: str) 
 
 def compare(device: str, threads: int | None, repeats: H.Repeats, quick: bool = False,
             argv: tuple[str, ...] = ("--presets", "paper")) -> list[H.Comparison]:
-    """Issue 9's rows for ``benchmarks/speed.py``; ``argv``: more options of this script."""
+    """The STEDM rows of the speed table (``benchmarks/speed.py``); ``argv``: more options of this script."""
     args = parse_arguments(["--device", device, *(["--threads", str(threads)] if threads else []),
                             *(["--quick"] if quick else []), *argv])
     return comparisons(args, repeats)

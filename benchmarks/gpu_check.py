@@ -17,7 +17,8 @@ code path on the CPU at toy size (tiny preset, gloo instead of NCCL): what CI ru
 
 The GPU machine lacks some of our dependencies: ``benchmarks/gpu_wheels.sh`` downloads them as wheels.
 
-    python benchmarks/gpu_check.py                       # on the GPU machine
+    python -m benchmarks.gpu_check                       # on the GPU machine (from the repository root:
+                                                         # finds stedm and benchmarks without an install)
     python benchmarks/gpu_check.py --device cpu --quick  # dry run here
 """
 
@@ -37,12 +38,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-import harness as H  # noqa: E402  (benchmarks/harness.py: this script's folder is first on sys.path)
+from benchmarks import harness as H  # noqa: E402
 
 BUDGET_S = 240
 GOAL = 0.35
 SCRIPT_TIMEOUT_S = 150
-#: README Performance, "Settings to time on a GPU" (issue 20): training-step rows beside the default.
+#: README Performance, "Settings to time on a GPU": training-step rows beside the default.
 #: ``location.compile=true`` is left to ``--settings`` (its compile time would exceed the budget).
 SETTINGS = ("location.channels_last=false", "location.channels_last=true", "++model.optimizer.fused=null")
 
@@ -89,7 +90,7 @@ def run_scripts(device: str, root: Path) -> list[dict]:
 
 
 def measure(device: str, quick: bool, settings: tuple[str, ...] = ()) -> dict:
-    import diffusion as D
+    from benchmarks import diffusion as D
 
     preset, batch, latent = ("tiny", 2, 32) if device == "cpu" else ("paper", 8, 64)
     repeats = H.Repeats(1, 1 if quick else 3)

@@ -4,7 +4,7 @@
 #   benchmarks/gpu_wheels.sh --list      # print the list (name==version), download nothing
 #   benchmarks/gpu_wheels.sh [DIR]       # download into DIR (default .whl; add /.whl/ to .git/info/exclude)
 # On the machine: python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-#                 && PYTHONPATH=/tmp/site python benchmarks/gpu_check.py
+#                 && PYTHONPATH=/tmp/site python -m benchmarks.gpu_check   (from the repository root)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 list() { grep -v '^\s*#' "$here/gpu_wheels.txt" | grep -v '^\s*$'; }

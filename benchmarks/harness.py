@@ -402,7 +402,7 @@ def percent_of_peak(achieved: float, peak: float | None) -> str:
     return f"{100 * achieved / peak:.0f} %" if peak else "n/a"
 
 
-# -- reference path vs default path (issue 9's table) ---------------------------------------------
+# -- reference path vs default path (the speed table, README Performance) -------------------------
 @dataclass
 class Measured:
     """One path's figures: seconds per unit (a step, a pair, a sample) of each timed repetition,

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
+from benchmarks import harness as H
 
 
 def cached_datamodule(cfg, cache_dir: Path, module, device: str):
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     repeats = H.repeats_from_args(args)
     H.configure_torch(args.device, args.threads)
     H.quiet_libraries()
-    from diffusion import build_module
+    from benchmarks.diffusion import build_module
 
     print(H.describe_environment(args.device))
     module, cfg = build_module("paper", (f"data.batch_base={args.batch}", f"data.patch_size={args.patch}",

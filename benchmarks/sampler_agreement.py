@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
+from benchmarks import harness as H
 from stedm.metrics.features import distances, feature_extractor  # the one offline extractor and KID
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def main() -> None:
 
     def run(candidate: Candidate, batched: bool) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
-        images = model.generate(masks, styles, seed=args.seed, sampler=candidate.sampler, steps=candidate.steps,
+        images = model.generate(masks, styles, seed=args.seed, solver=candidate.sampler, steps=candidate.steps,
                                 spacing=candidate.spacing, cfg_scale=CFG_SCALE,
                                 batched_guidance=batched)
         return images, time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""Issue 9's table in one run: the reference path (the original's way) against our default path.
+"""The speed table (README, Performance) in one run: the reference path (the original's way) against
+our default path.
 
 Rows (each measured side by side in this run, medians of >= 5 repetitions after warm-up):
 
@@ -25,10 +26,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import diffusion
-import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
-import ssl_pretrain
-import wsi
+from benchmarks import diffusion, ssl_pretrain, wsi
+from benchmarks import harness as H
 
 PARTS = {
     "train_diff": lambda *a, **k: diffusion.compare(*a, **k, argv=("--presets", "paper", "--part", "train")),

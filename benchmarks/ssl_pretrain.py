@@ -10,7 +10,7 @@ the module's ``optimizer_step`` with its EMA update all run as in training. Time
 is untimed and FLOP-counted; peak memory is taken over the timed steps, each configuration in a
 fresh process. The sample grid is disabled (``sample_every_n_epochs=0``): it is not part of a step.
 
-**--compare** (issue 9) — the reference path, the original's way (:data:`REFERENCE_OVERRIDES`:
+**--compare** (the speed table's row, README Performance) — the reference path, the original's way (:data:`REFERENCE_OVERRIDES`:
 fp32, torch's default for-loop Adam, the materialised softmax attention, a per-parameter EMA
 loop, no compile) against the default path (whatever ``conf/`` makes the
 default with ``location=local``) on the paper's network, batch 8 at 64 x 64 px. The two paths
@@ -20,7 +20,7 @@ their times are pooled.
 Without --compare: the default path for each preset, fp32 and bf16 (bf16 only where the hardware
 runs it natively; see ``harness.py``).
 
-    python benchmarks/ssl_pretrain.py --compare --threads 1          # issue 9's row
+    python benchmarks/ssl_pretrain.py --compare --threads 1          # the speed table's row
     python benchmarks/ssl_pretrain.py --threads 1                    # default path, paper + tiny
     python benchmarks/ssl_pretrain.py --quick --presets tiny --size 32
     python benchmarks/ssl_pretrain.py --compare --override location.compile=true   # try another default
@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
-import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
+from benchmarks import harness as H
 
 #: The original's way of computing a pretraining step (what it computes is the same).
 REFERENCE_OVERRIDES = ("location.precision=32-true", "location.compile=false", "location.channels_last=false",
                        "model.optimizer.fused=null", "model.attention=explicit", "model.ema_foreach=false")
-#: Issue 9's setting: the paper's network, batch 8, 64 x 64 px.
+#: The speed table's setting: the paper's network, batch 8, 64 x 64 px.
 COMPARE_PRESET, COMPARE_BATCH, COMPARE_SIZE = "paper", 8, 64
 
 
@@ -99,14 +99,14 @@ def measure_steps(device: str, preset: str, batch: int, size: int, repeats: H.Re
             "peak_mib": timer.memory.peak_mib, "loss": loss, "load": H.load_1min()}
 
 
-# -- issue 9: reference path vs default path -------------------------------------------------------
+# -- the speed table: reference path vs default path ------------------------------------------------
 def compare(device: str, threads: int | None, repeats: H.Repeats, quick: bool = False, *,
             preset: str = COMPARE_PRESET, batch: int = COMPARE_BATCH, size: int = COMPARE_SIZE,
             rounds: int | None = None, overrides: tuple[str, ...] = ()) -> list[H.Comparison]:
     """The reference path against the default path (``overrides`` applied to it), each in fresh
     processes taking turns ``rounds`` times (default 2, ``quick`` 1); times pooled, peaks the highest.
 
-    ``preset``/``batch``/``size`` default to issue 9's setting; smaller ones are for smoke tests.
+    ``preset``/``batch``/``size`` default to the speed table's setting; smaller ones are for smoke tests.
     """
     rounds = rounds or (1 if quick else 2)
     paths = {"reference": REFERENCE_OVERRIDES, "default": tuple(overrides)}
@@ -149,7 +149,7 @@ def preset_row(preset: str, batch: int, r: dict[str, Any], peaks: dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compare", action="store_true", help="reference path vs default path (issue 9)")
+    parser.add_argument("--compare", action="store_true", help="reference path vs default path (the speed table's row)")
     parser.add_argument("--presets", nargs="+", choices=["paper", "tiny"], default=["paper", "tiny"],
                         help="without --compare: the presets of the table")
     parser.add_argument("--precisions", nargs="+", choices=list(H.PRECISIONS), default=list(H.PRECISIONS))

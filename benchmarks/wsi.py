@@ -10,7 +10,7 @@ random over the slide; the 16k slide's tissue at downsample 2 (about 100 MB of d
 nearly fits the 128 MiB tile caches, so cache hits are more frequent than on real slides.
 
 **--compare** — ``mp`` samples through the reference path (``slide_reader=openslide``: every read
-through OpenSlide, as before issue 9) against the default path (``slide_reader=auto``: the
+through OpenSlide, as before our tile reader) against the default path (``slide_reader=auto``: the
 tifffile tile reader with its decoded-tile cache) and ``slide_reader=tiffslide``, each in its own process, taking turns over
 the timed repetitions so that load changes hit both alike. Figures are CPU seconds per sample
 (``time.process_time``) and the peak RSS of each process. The note gives the default path
@@ -19,7 +19,7 @@ without tile cache (``tile_cache_mib=0``): the decode-bound figure of slides far
     python benchmarks/wsi.py                                  # 16k x 16k, x2 pyramid, 512 px at downsample 2
     python benchmarks/wsi.py --downsample 8 --level-factor 4  # CATCH-like reads on a x4 pyramid
     python benchmarks/wsi.py --downsample 8 --level-factor 4 --size 16001  # x4.0003 levels, as in Aperio SVS
-    python benchmarks/wsi.py --compare [--quick] [--workdir DIR]            # issue 9's row
+    python benchmarks/wsi.py --compare [--quick] [--workdir DIR]            # the speed table's row
     python benchmarks/wsi.py --compare --downsample 8 --level-factor 4 --size 16001
 """
 
@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 import tifffile
 
-import harness as H  # benchmarks/harness.py (this script's folder is first on sys.path)
+from benchmarks import harness as H
 
 TARGETS = {"none": 30.0, "nearby": 20.0, "mp": 8.0}  # samples/s per worker
 
@@ -190,7 +190,7 @@ def _peak_rss_mib() -> float:
 def compare(device: str, threads: int | None, repeats: H.Repeats, quick: bool = False, *,
             size: int | None = None, level_factor: int = 2, downsample: float = 2.0, patch: int = 512,
             samples: int | None = None, workdir: Path | None = None) -> list[H.Comparison]:
-    """Issue 9's row: CPU seconds per ``mp`` training sample (512 px at downsample 2 on the 16k x2
+    """The speed table's row: CPU seconds per ``mp`` training sample (512 px at downsample 2 on the 16k x2
     JPEG slide unless told otherwise), reference path (OpenSlide) against the default path (tile
     reader), each path in a fresh process; warm-up and timed repetitions of ``samples`` samples
     go round-robin over the paths (at least 5 timed ones unless ``quick``)."""

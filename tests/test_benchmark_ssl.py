@@ -3,16 +3,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import harness as H
-import ssl_pretrain as bench
+from benchmarks import harness as H
+from benchmarks import ssl_pretrain as bench
 
 
 def test_reference_path_is_selected_by_config_and_the_fast_path_is_the_default():

@@ -6,19 +6,12 @@ machinery counts what it claims to count.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
-_SPEC = importlib.util.spec_from_file_location("harness", _PATH)
-H = importlib.util.module_from_spec(_SPEC)
-sys.modules.setdefault("harness", H)
-_SPEC.loader.exec_module(H)
+from benchmarks import harness as H
 
 M, K, N = 8, 16, 4
 

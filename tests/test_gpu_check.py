@@ -50,7 +50,7 @@ def test_wheel_list_holds_every_missing_import_and_requirement_once():
                     if line.startswith(("import ", "from ")) and not line.startswith("from __future__")]
     missing = {}
     for module in set(imports):
-        if module in sys.stdlib_module_names or module in ("stedm", "harness", "diffusion", "wandb"):
+        if module in sys.stdlib_module_names or module in ("stedm", "benchmarks", "wandb"):
             continue
         dists = {distribution_name(d) for d in owners[module]}
         if not dists & (ON_GPU_MACHINE | set(pins)):
@@ -89,5 +89,5 @@ def test_cpu_dry_run_runs_every_script_and_writes_both_tables(tmp_path):
         assert result[name]["tflops"] > 0 and result[name]["seconds"] > 0 and result[name]["peak_mib"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert "of bf16 peak" in table and "training step" in table and "finetune_ssl.py | ok" in table
-    assert result["settings"]["location.channels_last=false"]["tflops"] > 0  # README's settings to time (issue 20)
+    assert result["settings"]["location.channels_last=false"]["tflops"] > 0  # README's settings to time on a GPU
     assert "training step with location.channels_last=false" in table
