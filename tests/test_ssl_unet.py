@@ -1,4 +1,4 @@
-"""The GenSelfDiff-HIS U-Net: architecture of SPEC §2, head replacement, pretrained loading."""
+"""The GenSelfDiff-HIS U-Net: architecture of docs/method.md, 2 GenSelfDiff-HIS, head replacement, pretrained loading."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GenSelfDiff-HIS U-Net (SPEC §2): a diffusion denoiser that is later fine-tuned as a segmenter.
+"""The GenSelfDiff-HIS U-Net (docs/method.md, 2 GenSelfDiff-HIS): a diffusion denoiser that is later fine-tuned as a segmenter.
 
 Architecture of the original "DiffusionNet(dim=64)" (31.27 M parameters with the default preset):
 
