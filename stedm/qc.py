@@ -6,9 +6,11 @@
 ``SYN_DIR/qc/contact_sheet.png`` (image | mask | overlay | style source per pair, class legend)
 and ``SYN_DIR/qc/report.json``, and prints the table:
 
-- **layout fidelity**: foreground IoU between each pair's layout and what the real-data
-  segmenter segments in the synthetic image, beside the same segmenter on the real test images
-  (the ceiling). Both in one label space (binarised when the segmenter's and the layout's differ).
+- **layout fidelity**: IoU between each pair's layout and what the real-data segmenter segments
+  in the synthetic image, averaged over the foreground classes (``..._iou_mean``, the name
+  :mod:`stedm.metrics.segmentation` gives that mean), beside the same segmenter on the real test
+  images (the ceiling). Both in one label space (binarised when the segmenter's and the layout's
+  differ).
 - **memorisation**: each synthetic image's distance (RMSE, 0-255, best of the 8 square symmetries
   and every window position) to its nearest labelled training image, beside the same for the
   real test images: a synthetic image far closer to a training image than unseen real images
@@ -33,8 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stedm.data.contract import IGNORE_INDEX, image_to_tensor
-from stedm.data.io import read_image, read_mask
-from stedm.data.pair_folder import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
+from stedm.data.pair_folder import read_pairs
 from stedm.resume import LAST, run_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def to_space(mask: np.ndarray, classes: int) -> np.ndarray:
 
 
 class IoU:
-    """Pooled per-class IoU over images; ``value`` is the mean over foreground classes."""
+    """Pooled per-class IoU over images; ``value`` is the mean over the foreground classes."""
 
     def __init__(self, classes: int) -> None:
         self.classes, self.inter, self.union = classes, np.zeros(classes), np.zeros(classes)
@@ -189,27 +190,24 @@ def run_qc(syn_dir: str | Path, segmenter: str | Path, checkpoint: str | Path | 
            out: str | Path | None = None, max_pairs: int = 256, max_real: int = 64, sheet_pairs: int = 12,
            seed: int = 0) -> dict[str, Any]:
     """Everything the module docstring lists; returns the report (also written as JSON)."""
-    from stedm.metrics.features import distances
+    from stedm.metrics.features import distances, feature_extractor
     from stedm.metrics.stain import mean_optical_density
     from stedm.viz import pair_folder_sheet
 
     syn_dir = Path(syn_dir)
-    settings, manifest = folder_settings(syn_dir), read_manifest(syn_dir)
-    indices = pair_indices(syn_dir, max_pairs)
+    pairs = read_pairs(syn_dir, max_pairs)
+    settings, manifest, indices = pairs.settings, pairs.manifest, pairs.indices
     if not indices:
         raise ValueError(f"SYN_DIR {syn_dir}: no img_XXXXX.png/seg_XXXXX.png pairs")
     model, cfg = load_segmenter(segmenter, checkpoint)
     seg_classes = int(model.hparams.num_classes)
-    images = {i: read_image(syn_dir / PAIR_IMAGE.format(i)) for i in indices}
-    masks = {i: read_mask(syn_dir / PAIR_MASK.format(i)) for i in indices}
-    layout_classes = layout_classes_of(syn_dir) or int(max(int(m[m != IGNORE_INDEX].max(initial=0))
-                                                           for m in masks.values()) + 1)
+    images, masks, layout_classes = pairs.images, pairs.masks, pairs.layout_classes
     space = common_space(seg_classes, layout_classes)
 
     # layout fidelity and its ceiling
     fidelity, per_pair = IoU(space), {}
     for i in indices:
-        per_pair[i] = {"iou_fg": fidelity.add(to_space(segment(model, images[i]), space), to_space(masks[i], space))}
+        per_pair[i] = {"iou_mean": fidelity.add(to_space(segment(model, images[i]), space), to_space(masks[i], space))}
     test = real_records(cfg, "test", max_real)
     ceiling = IoU(space)
     for record in test:
@@ -249,14 +247,15 @@ def run_qc(syn_dir: str | Path, segmenter: str | Path, checkpoint: str | Path | 
     train_crops = random_crops(train, patch, max(1, len(indices) // max(1, len(train))), seed + 1)
     kid = kid_ref = None
     if len(real_crops) >= 2 and len(fake) >= 2:
-        kid = distances(real_crops, fake)[0]
+        extractor = feature_extractor()
+        kid = distances(real_crops, fake, extractor)[0]
         if len(train_crops) >= 2:
-            kid_ref = distances(real_crops, train_crops)[0]
+            kid_ref = distances(real_crops, train_crops, extractor)[0]
 
     report = {
         "pair_folder": str(syn_dir), "segmenter": str(segmenter), "pairs": len(indices),
         "label_space": {"layout_classes": layout_classes, "segmenter_classes": seg_classes, "compared_in": space},
-        "layout_fidelity_iou_fg": fidelity.value, "ceiling_real_test_iou_fg": ceiling.value,
+        "layout_fidelity_iou_mean": fidelity.value, "ceiling_real_test_iou_mean": ceiling.value,
         "real_test_images": len(test),
         "nearest_train_rmse_synthetic": _summary(syn_near), "nearest_train_rmse_real_test": _summary(test_near),
         "style_od_distance_to_source": _summary(np.array(to_source)),
@@ -269,9 +268,9 @@ def run_qc(syn_dir: str | Path, segmenter: str | Path, checkpoint: str | Path | 
     }
     out = syn_dir / QC_DIR if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    notes = {i: f"IoU {v['iou_fg']:.2f}" + (f" dOD {v['style_od_distance']:.2f}" if "style_od_distance" in v else "")
+    notes = {i: f"IoU {v['iou_mean']:.2f}" + (f" dOD {v['style_od_distance']:.2f}" if "style_od_distance" in v else "")
              for i, v in per_pair.items()}
-    report["contact_sheet"] = str(pair_folder_sheet(syn_dir, out / "contact_sheet.png", limit=sheet_pairs,
+    report["contact_sheet"] = str(pair_folder_sheet(pairs, out / "contact_sheet.png", limit=sheet_pairs,
                                                     style_images=style_images or None, notes=notes))
     (out / "report.json").write_text(json.dumps(report, indent=1))
     report["report"] = str(out / "report.json")
@@ -299,8 +298,8 @@ def table(report: dict[str, Any]) -> str:
         ("pairs", str(report["pairs"])),
         ("label space", f"layout {space['layout_classes']} classes, segmenter {space['segmenter_classes']}, "
                         f"compared in {space['compared_in']}"),
-        ("layout fidelity: IoU fg on synthetic", num(report["layout_fidelity_iou_fg"])),
-        ("ceiling: same segmenter, real test", f"{num(report['ceiling_real_test_iou_fg'])} "
+        ("layout fidelity: fg-class mean IoU, synthetic", num(report["layout_fidelity_iou_mean"])),
+        ("ceiling: same segmenter, real test", f"{num(report['ceiling_real_test_iou_mean'])} "
                                                f"({report['real_test_images']} images)"),
         ("nearest training image RMSE: synthetic", mean("nearest_train_rmse_synthetic")),
         ("nearest training image RMSE: real test", mean("nearest_train_rmse_real_test")),

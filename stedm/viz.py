@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -21,6 +22,9 @@ _BASE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 1
                   [250, 190, 212], [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200],
                   [128, 0, 0], [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128]],
                  dtype=np.uint8)
+if TYPE_CHECKING:
+    from stedm.data.pair_folder import Pairs
+
 IGNORE_COLOUR = np.array([128, 128, 128], dtype=np.uint8)  # pixels outside 0..num_classes-1
 
 
@@ -120,36 +124,32 @@ def contact_sheet(rows: Sequence[Sequence[np.ndarray | None]], columns: Sequence
 SHEET = "contact_sheet.png"
 
 
-def pair_folder_sheet(folder: str | Path, out: str | Path | None = None, limit: int = 12,
+def pair_folder_sheet(pairs: str | Path | Pairs, out: str | Path | None = None, limit: int = 12,
                       style_images: dict[int, np.ndarray] | None = None, notes: dict[int, str] | None = None) -> Path:
-    """The picture of a pair folder: per pair the image, its mask in the class palette, both
-    overlaid, and (when given, e.g. by ``python -m stedm.qc``) its style source; legend from the
-    folder's settings (``class_names`` / ``layout_classes``). ``seg_*.png`` stay grey class ids."""
-    from stedm.data.io import read_image, read_mask
-    from stedm.data.contract import IGNORE_INDEX
-    from stedm.data.pair_folder import PAIR_IMAGE, PAIR_MASK, folder_settings, layout_classes_of, pair_indices, read_manifest
+    """The picture of a pair folder (or of pairs read from it already): per pair the image, its
+    mask in the class palette, both overlaid, and (when given, e.g. by ``python -m stedm.qc``)
+    its style source; legend from the folder's settings (``class_names`` / ``layout_classes``).
+    ``seg_*.png`` stay grey class ids."""
+    from stedm.data.pair_folder import Pairs, read_pairs
 
-    folder = Path(folder)
-    settings, manifest = folder_settings(folder), read_manifest(folder)
-    indices = pair_indices(folder, limit)
-    if not indices:
-        raise ValueError(f"{folder}: no img_XXXXX.png/seg_XXXXX.png pairs to show")
-    masks = {i: read_mask(folder / PAIR_MASK.format(i)) for i in indices}
-    n = layout_classes_of(folder) or max(int(m[m != IGNORE_INDEX].max(initial=0)) for m in masks.values()) + 1
-    names = list(settings.get("class_names") or [f"class {c}" for c in range(n)])[:n]
+    pairs = pairs.first(limit) if isinstance(pairs, Pairs) else read_pairs(pairs, limit)
+    if not pairs.indices:
+        raise ValueError(f"{pairs.folder}: no img_XXXXX.png/seg_XXXXX.png pairs to show")
+    n = pairs.layout_classes
+    names = list(pairs.settings.get("class_names") or [f"class {c}" for c in range(n)])[:n]
     names += [f"class {c}" for c in range(len(names), n)]
     palette = class_palette(n)
     columns = ["image", "mask", "overlay"] + (["style source"] if style_images else [])
     rows, labels = [], []
-    for i in indices:
-        image = read_image(folder / PAIR_IMAGE.format(i))
-        row = [image, colour_mask(masks[i], palette), overlay(image, masks[i], palette)]
+    for i in pairs.indices:
+        image, mask = pairs.images[i], pairs.masks[i]
+        row = [image, colour_mask(mask, palette), overlay(image, mask, palette)]
         if style_images:
             row.append(style_images.get(i))
         rows.append(row)
-        record = manifest.get(i, {})
+        record = pairs.manifest.get(i, {})
         label = f"pair {i}\nlayout {record.get('layout_case', '?')}\nstyle {record.get('style_case', '?')}"
         labels.append(label + (f"\n{notes[i]}" if notes and i in notes else ""))
-    return contact_sheet(rows, columns, labels, names, folder / SHEET if out is None else out,
-                         title=f"{len(indices)} of {len(manifest) or len(indices)} pairs, "
+    return contact_sheet(rows, columns, labels, names, pairs.folder / SHEET if out is None else out,
+                         title=f"{len(pairs.indices)} of {len(pairs.manifest) or len(pairs.indices)} pairs, "
                                f"layout in {n} classes")

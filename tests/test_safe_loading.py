@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import compose_in
-from stedm.models.weights import UnsafeFileError, read_state_dict, sha256_of
+from stedm.fileio import file_digest
+from stedm.models.weights import UnsafeFileError, read_state_dict
 from stedm.tasks.predict import TRUSTED_TARGETS, check_targets, predict_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_convert_with_consent_writes_safetensors_that_load(tmp_path):
     assert refused.returncode == 2 and "--trust-pickle" in refused.stderr and not target.exists()
     done = convert(str(source), str(target), "--trust-pickle")
     assert done.returncode == 0, done.stderr
-    assert f"sha256 {sha256_of(target)}" in done.stdout
+    assert f"sha256 {file_digest(target)}" in done.stdout
     loaded = read_state_dict(target)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 

@@ -16,10 +16,16 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stedm.config import differences
+from stedm.data.contract import IGNORE_INDEX
+from stedm.data.io import read_image, read_mask
 from stedm.fileio import is_temporary, remove_temporaries, write_text_atomic
 
 PAIR_IMAGE = "img_{:05d}.png"
@@ -135,7 +141,10 @@ def layout_classes_of(folder: Path) -> int | None:
     """Classes of the layout the pairs were drawn in (the masks' label space): the settings'
     ``layout_classes``; folders written before it was recorded wrote the data's masks as they
     were (``num_classes``); None when the folder has no settings (pairs made elsewhere)."""
-    settings = folder_settings(folder)
+    return _settings_classes(folder_settings(folder))
+
+
+def _settings_classes(settings: dict) -> int | None:
     value = settings.get("layout_classes", settings.get("num_classes"))
     return None if value is None else int(value)
 
@@ -147,6 +156,47 @@ def layout_class_names(data: dict[str, Any], layout_classes: int) -> list[str]:
         return names
     return [names[0] if names else "background", "foreground"] if layout_classes == 2 else \
         [f"class {i}" for i in range(layout_classes)]
+
+
+# -- reading the pairs -------------------------------------------------------------------------
+@dataclass
+class Pairs:
+    """The complete pairs of a folder (:func:`read_pairs`); their files are read on first use,
+    once for every reader."""
+
+    folder: Path
+    settings: dict
+    manifest: dict[int, dict]
+    indices: list[int]
+
+    @cached_property
+    def images(self) -> dict[int, np.ndarray]:
+        return {i: read_image(self.folder / PAIR_IMAGE.format(i)) for i in self.indices}
+
+    @cached_property
+    def masks(self) -> dict[int, np.ndarray]:
+        return {i: read_mask(self.folder / PAIR_MASK.format(i)) for i in self.indices}
+
+    def first(self, n: int) -> Pairs:
+        """The first ``n`` of these pairs (sharing the files read already)."""
+        part = Pairs(self.folder, self.settings, self.manifest, self.indices[:n])
+        for name in ("images", "masks"):
+            if name in self.__dict__:
+                part.__dict__[name] = {i: self.__dict__[name][i] for i in part.indices}
+        return part
+
+    @property
+    def layout_classes(self) -> int:
+        """:func:`layout_classes_of`; for pairs made elsewhere, the classes their masks show."""
+        return _settings_classes(self.settings) or max(int(m[m != IGNORE_INDEX].max(initial=0))
+                                                       for m in self.masks.values()) + 1
+
+
+def read_pairs(folder: Path, limit: int | None = None) -> Pairs:
+    """The folder's settings, manifest and first ``limit`` complete pairs (:func:`pair_indices`)."""
+    folder = Path(folder)
+    settings, manifest = folder_settings(folder), read_manifest(folder)
+    return Pairs(folder, settings, manifest, pair_indices(folder, limit, manifest))
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from stedm.viz import class_palette, colour_mask, contact_sheet, overlay
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 TILE = 192
 """Pixels per tile side in the sheet (small patches are enlarged, nearest neighbour)."""
+SURVEYED = 64
+"""Items per entry whose class frequencies and sizes are reported."""
 
 
 def sample_rows(batch: dict, rows: int, palette: np.ndarray) -> tuple[list[list[np.ndarray]], list[str]]:
@@ -63,21 +65,21 @@ def eval_rows(eval_sets: dict, rows: int, palette: np.ndarray) -> tuple[list[lis
     return lines, labels
 
 
-def small_images(dataset, patch_size: int, limit: int = 64) -> tuple[int, int, tuple[int, int] | None]:
-    """How many of the first ``limit`` items are smaller than ``patch_size``, of how many, and the smallest (h, w)."""
-    n, small, smallest = min(len(dataset), limit), 0, None
-    for i in range(n):
-        h, w = dataset.load(i).image.shape[:2]
+def small_images(records: list, patch_size: int) -> tuple[int, int, tuple[int, int] | None]:
+    """How many of ``records`` are smaller than ``patch_size``, of how many, and the smallest (h, w)."""
+    small, smallest = 0, None
+    for record in records:
+        h, w = record.image.shape[:2]
         if h < patch_size or w < patch_size:
             small += 1
             smallest = (h, w) if smallest is None or h * w < smallest[0] * smallest[1] else smallest
-    return small, n, smallest
+    return small, len(records), smallest
 
 
-def class_frequencies(dataset, num_classes: int, limit: int = 64) -> dict[int, float]:
+def class_frequencies(records: list) -> dict[int, float]:
+    """Class id -> its share of the pixels of ``records``' masks."""
     counts: Counter = Counter()
-    for i in range(min(len(dataset), limit)):
-        record = dataset.load(i)
+    for record in records:
         if record.mask is not None:
             values, n = np.unique(record.mask, return_counts=True)
             counts.update(dict(zip(values.tolist(), n.tolist())))
@@ -106,11 +108,12 @@ def main(argv: list[str] | None = None) -> Path:
         kind = "labelled" if dataset.labelled else "unlabelled"
         print(f"  {name:<20} {kind:<10} items={len(dataset):<6} cases={cases:<5} ratio={ratio:<5g} "
               f"per epoch={mix[name]}")
-        freqs = class_frequencies(dataset, int(cfg.data.num_classes))
+        records = [dataset.load(i) for i in range(min(len(dataset), SURVEYED))]
+        freqs = class_frequencies(records)
         if freqs:
             print("    class frequency: " + ", ".join(
                 f"{names[k] if 0 <= k < len(names) else k}={v:.3f}" for k, v in freqs.items()))
-        small, seen, smallest = small_images(dataset, patch)
+        small, seen, smallest = small_images(records, patch)
         if small:
             warnings.warn(f"data.dataset.{name}: {small} of the first {seen} images are smaller than "
                           f"data.patch_size={patch} (smallest {smallest[1]}x{smallest[0]} px); training "

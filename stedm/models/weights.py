@@ -26,7 +26,7 @@ class UnsafeFileError(ValueError):
 
 
 def sha256_of(path: str | Path) -> str:
-    """sha256 of a file (:func:`stedm.fileio.file_digest`, which :mod:`stedm.weights_cache` still calls by this name)."""
+    """sha256 of a file: :func:`stedm.fileio.file_digest` (:mod:`stedm.weights_cache` calls it by this name)."""
     return file_digest(path)
 
 
