@@ -29,7 +29,7 @@ _SAMPLING_KEYS = {"sampler": "sampling.solver", "sample_steps": "sampling.steps"
 RENAMED_MODEL_KEYS: dict[str, dict[str, str]] = {
     "stedm.modules.style_diffusion.StyleDiffusion": _SAMPLING_KEYS,
     "stedm.modules.ssl_pretrain.SSLPretrainer": {
-        "sampler": "sampling.solver", "sample_steps": "sampling.steps",
+        **{key: _SAMPLING_KEYS[key] for key in ("sampler", "sample_steps")},
         **{key: f"noise_schedule.{key}" for key in ("beta_schedule", "beta_start", "beta_end",
                                                      "num_train_timesteps")}},
 }

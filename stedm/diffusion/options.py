@@ -74,7 +74,7 @@ class SamplingOptions:
         if isinstance(config, SamplingOptions):
             return config
         config = dict(config or {})
-        known = {f.name for f in dataclasses.fields(cls)} - {"where", "given_as"}
+        known = set(cls().to_dict())
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")

@@ -64,11 +64,11 @@ class ParameterEMA(EMAModel):
         """Copy the EMA weights into the module for good (inference only)."""
         self.copy_to(self.tracked())
 
-    def averaged(self, state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
-        """``state`` (a state dict) with every tracked parameter ``prefix + name`` replaced by its EMA value."""
+    def averaged(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` (a state dict) with every tracked parameter replaced by its EMA value."""
         state = dict(state)
         for (name, _), shadow in zip(self.named_parameters(), self.shadow_params, strict=True):
-            state[prefix + name] = shadow
+            state[name] = shadow
         return state
 
     def save(self, checkpoint: dict[str, Any]) -> None:

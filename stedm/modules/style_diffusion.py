@@ -271,7 +271,9 @@ class StyleDiffusion(pl.LightningModule):
         ``shared_trunk`` (and a denoiser that has ``forward_guided``) computes the layers before
         the style block once for both halves. All three give the same images.
         """
-        options = (sampling or self.sampling).replace(**changes) if changes else (sampling or self.sampling)
+        options = sampling or self.sampling
+        if changes:
+            options = options.replace(**changes)
         if (style is None) != (self.style is None):
             raise ValueError("generate(): pass style images exactly when the model has a style path "
                              f"(it has {'none' if self.style is None else 'one'})")

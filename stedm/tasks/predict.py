@@ -48,15 +48,16 @@ MODEL_CHOICES = ("preset", "diffusion", "style_agg")
 
 
 # -- arguments ---------------------------------------------------------------------------------
-def check_arguments(cfg: DictConfig) -> None:
-    """Refuse impossible settings before a checkpoint is read or a folder is made."""
+def check_arguments(cfg: DictConfig) -> SamplingOptions:
+    """Refuse impossible settings before a checkpoint is read or a folder is made; returns the
+    run's sampling options (conf/sampling and its aliases), each checked."""
     if not cfg.get("predict_dir"):
         raise ValueError("no output folder: pass +predict_dir=NAME (pairs go to <data_dir>/syn_data/NAME)")
     if cfg.get("num_pairs") is not None and (not isinstance(cfg.num_pairs, int) or cfg.num_pairs < 1):
         raise ValueError(f"num_pairs={cfg.num_pairs}: give a positive number of pairs (null = 2 x data.samples)")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size}: give a positive number of pairs per batch")
-    run_options(cfg)  # the sampling options (conf/sampling and its aliases), each checked
+    return run_options(cfg)
 
 
 # -- checkpoint --------------------------------------------------------------------------------
@@ -253,8 +254,7 @@ def predict_pairs(cfg: DictConfig) -> Path:
     are shared out over the processes (rank ``r`` takes every ``world``-th), so the folder holds the
     same pairs whatever their number. Rank zero alone writes the settings and ``manifest.jsonl``
     (other ranks record theirs in ``manifest.rank<r>.jsonl``, merged into it at the end)."""
-    check_arguments(cfg)
-    options = run_options(cfg)
+    options = check_arguments(cfg)
     path = resolve_checkpoint(cfg)
     checkpoint = read_checkpoint(path, [str(t) for t in cfg.get("trusted_targets") or []])
     cfg = check_random_first_stage(cfg, checkpoint, path)
