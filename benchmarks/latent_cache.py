@@ -37,7 +37,7 @@ def cached_datamodule(cfg, cache_dir: Path, module, device: str):
     from stedm.data.latent_cache import attach
 
     dm = StedmDataModule(cfg.data, batch_size=int(cfg.data.batch_base), eval_splits=(), cache_dir=cache_dir,
-                         style_sampler=instantiate(cfg.style_sampling.sampler))
+                         style_source=instantiate(cfg.style_sampling.source))
     strategy = SimpleNamespace(root_device=torch.device(device), barrier=lambda name=None: None)
     trainer = SimpleNamespace(lightning_module=module, strategy=strategy, global_rank=0, world_size=1)
     dm.trainer = trainer

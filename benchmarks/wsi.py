@@ -100,7 +100,7 @@ def write_annotations(path: Path, size: int, seed: int = 2) -> None:
 
 def build_dataset(root: Path, sampler_name: str, patch: int, downsample: float, **options):
     """The benchmark's labelled training set; ``options``: further WSIDataset arguments (the slide reader)."""
-    from stedm.data.style import MultiPatchStyle, NearbyStyle, NoStyle
+    from stedm.data.style_sources import MultiPatchStyle, NearbyStyle, NoStyle
     from stedm.data.transforms import train_transform
     from stedm.data.wsi import WSIDataset
 
@@ -110,7 +110,7 @@ def build_dataset(root: Path, sampler_name: str, patch: int, downsample: float, 
                       sampling={"background": {"probability": 0.5, "classes": [0]},
                                 "tumour": {"probability": 0.5, "classes": [1]}},
                       unannotated_label=0, val_fraction=0, test_fraction=0, num_classes=2,
-                      transform=train_transform(patch), style_sampler=sampler, cache_dir=str(root / "cache"),
+                      transform=train_transform(patch), style_source=sampler, cache_dir=str(root / "cache"),
                       **options)
 
 
@@ -150,7 +150,7 @@ def measure(root: Path, sampler_name: str, patch: int, downsample: float, sample
         sample = dataset[warmup + i]
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert sample["image"].shape == (3, patch, patch)
-    return {"sampler": sampler_name, "reads": 1 + dataset.style_sampler.num_images, "per_s": samples / elapsed,
+    return {"sampler": sampler_name, "reads": 1 + dataset.style_source.num_images, "per_s": samples / elapsed,
             "per_cpu_s": samples / cpu}
 
 

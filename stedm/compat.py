@@ -20,6 +20,11 @@ MOVED_MODULES: dict[str, str] = {
     "stedm.diffusion.sampling": "stedm.diffusion.solvers",
     "stedm.diffusion.weighting": "stedm.losses.diffusion",
     "stedm.losses.ssl": "stedm.losses.finetune",
+    **{f"stedm.data.{name}": f"stedm.data.datasets.{name}"
+       for name in ("demo", "flowers", "folder", "glas", "monuseg", "official_split", "synthetic")},
+    "stedm.data.sampler": "stedm.data.mixing",
+    "stedm.data.style": "stedm.data.style_sources",
+    "stedm.data.wsi.sampling": "stedm.data.wsi.locations",
 }
 
 _SAMPLING_KEYS = {"sampler": "sampling.solver", "sample_steps": "sampling.steps",
@@ -34,7 +39,12 @@ RENAMED_MODEL_KEYS: dict[str, dict[str, str]] = {
                                                      "num_train_timesteps")}},
 }
 #: keys of a run's config: old dotted key -> new one (``*`` stands for any one part)
-RENAMED_KEYS: dict[str, str] = {}
+RENAMED_KEYS: dict[str, str] = {
+    "style_sampling.sampler": "style_sampling.source",
+    "style_sampling_trained.sampler": "style_sampling_trained.source",  # a pair folder's settings
+    "data.sampling": "data.locations",
+    "data.dataset.*.sampling": "data.dataset.*.locations",
+}
 
 Path = tuple[str, ...]
 
@@ -87,6 +97,28 @@ def upgrade(config: dict[str, Any], model: str | None = None) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[path[-1]] = value
     return upgraded
+
+
+def stale_keys(config: dict[str, Any]) -> list[str]:
+    """``"old -> new"`` for each key of ``config`` (nested dicts) that has moved (:data:`RENAMED_KEYS`)."""
+    found = {}
+    for path in _leaves(config):
+        for old, new in RENAMED_KEYS.items():
+            parts = old.split(".")
+            if len(path) >= len(parts) and all(o in ("*", p) for o, p in zip(parts, path)):
+                found[".".join(path[:len(parts)])] = ".".join(_renamed(path[:len(parts)], {old: new}))
+    return [f"{old} -> {new}" for old, new in found.items()]
+
+
+def refuse_stale_keys(cfg: Any) -> None:
+    """Refuse a run config (a user's own YAML, written for an earlier version) that still uses a
+    moved key: it would otherwise be ignored, or fail far from its cause. Names each and its new name."""
+    from omegaconf import OmegaConf
+
+    stale = stale_keys(OmegaConf.to_container(cfg, resolve=False))
+    if stale:
+        raise ValueError("this config uses keys that have been renamed; rename them in your config files "
+                         "(conf/) or overrides: " + "; ".join(stale))
 
 
 def upgrade_model_config(config: dict[str, Any]) -> dict[str, Any]:

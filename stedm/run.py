@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stedm.cluster import adopt_submitit_local_tasks, cluster_plugins, is_rank_zero_process
+from stedm.compat import refuse_stale_keys
 from stedm.resume import Start, check_run_start, identity, run_checkpoint_dir
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,9 @@ def run_dir(cfg: DictConfig) -> Path:
 def prepare(cfg: DictConfig, trains: bool = True) -> RunContext:
     """Validate the location, check where the run starts from (:func:`stedm.resume.check_run_start`:
     a run that would continue another run's checkpoint or could not save is refused before
-    anything is written), seed everything, and compute the run's derived settings."""
+    anything is written), seed everything, and compute the run's derived settings. A config that
+    still uses a renamed key is refused first (:func:`stedm.compat.refuse_stale_keys`)."""
+    refuse_stale_keys(cfg)
     adopt_submitit_local_tasks()
     devices = resolve_devices(cfg.location)
     start = check_run_start(cfg) if trains else Start(None)
@@ -205,7 +208,7 @@ def build_trainer(cfg: DictConfig, ctx: RunContext, **overrides: Any) -> pl.Trai
         accelerator=cfg.location.accelerator, devices=ctx.devices, num_nodes=int(cfg.location.num_nodes),
         strategy=build_strategy(cfg.location), precision=ctx.precision, default_root_dir=str(ctx.run_dir),
         logger=loggers or False, callbacks=build_callbacks(cfg, ctx), plugins=cluster_plugins(),
-        use_distributed_sampler=False,  # our samplers shard by rank themselves (stedm.data.sampler)
+        use_distributed_sampler=False,  # our samplers shard by rank themselves (stedm.data.mixing)
     )
     options.update(overrides)
     return pl.Trainer(**options)
@@ -277,13 +280,13 @@ def channels_last_input(x: torch.Tensor, enabled: bool) -> torch.Tensor:
 
 # -- data --------------------------------------------------------------------------------------
 def build_datamodule(cfg: DictConfig, ctx: RunContext, eval_splits=("val", "test"), with_style: bool = True):
-    """The DataModule for this run; the style sampler comes from ``style_sampling`` when asked."""
+    """The DataModule for this run; the style source comes from ``style_sampling`` when asked."""
     from hydra.utils import instantiate
 
     from stedm.data.datamodule import StedmDataModule
 
-    sampler = instantiate(cfg.style_sampling.sampler) if with_style and "style_sampling" in cfg else None
+    source = instantiate(cfg.style_sampling.source) if with_style and "style_sampling" in cfg else None
     return StedmDataModule(cfg.data, batch_size=ctx.batch_size, num_workers=ctx.num_workers, seed=int(cfg.seed),
-                           style_sampler=sampler, eval_splits=eval_splits,
+                           style_source=source, eval_splits=eval_splits,
                            pin_memory=uses_cuda(cfg.location), cache_dir=Path(cfg.location.result_dir) / "cache",
                            batch_mul=cfg.location.batch_mul)

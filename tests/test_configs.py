@@ -34,9 +34,9 @@ def test_option_composes_and_resolves(compose_cfg, script, group, option):
     assert cfg.seed is not None and cfg.run_name
 
 
-def test_style_samplers_instantiate(compose_cfg):
+def test_style_sources_instantiate(compose_cfg):
     for option in options("style_sampling"):
-        sampler = instantiate(compose_cfg("train_diff", [f"style_sampling={option}"]).style_sampling.sampler)
+        sampler = instantiate(compose_cfg("train_diff", [f"style_sampling={option}"]).style_sampling.source)
         assert sampler.num_images == compose_cfg("train_diff", [f"style_sampling={option}"]).style_sampling.num_images
 
 

@@ -8,10 +8,10 @@ import torch
 from conftest import write_flowers, write_folder_dataset, write_synthetic_pairs
 from stedm.data.contract import IGNORE_INDEX, check_sample, image_to_tensor, tensor_to_image
 from stedm.data.datamodule import StedmDataModule
-from stedm.data.demo import DemoDataset, region_roles
-from stedm.data.flowers import FlowersDataset
-from stedm.data.folder import FolderDataset
-from stedm.data.synthetic import SyntheticPairs
+from stedm.data.datasets.demo import DemoDataset, region_roles
+from stedm.data.datasets.flowers import FlowersDataset
+from stedm.data.datasets.folder import FolderDataset
+from stedm.data.datasets.synthetic import SyntheticPairs
 
 
 def test_range_conversion_round_trips():
@@ -124,11 +124,11 @@ def test_registry_entries_mix_in_one_datamodule(compose_cfg, tmp_path):
     assert val["image"].shape[-1] == 128 and val["meta"]["source"] == ["demo_anno"]
 
 
-def test_style_sampler_adds_style_images(compose_cfg):
+def test_style_source_adds_style_images(compose_cfg):
     from hydra.utils import instantiate
 
     cfg = compose_cfg("train_diff", ["style_sampling=augmented"])
-    dm = StedmDataModule(cfg.data, batch_size=2, style_sampler=instantiate(cfg.style_sampling.sampler), eval_splits=())
+    dm = StedmDataModule(cfg.data, batch_size=2, style_source=instantiate(cfg.style_sampling.source), eval_splits=())
     batch = next(iter(dm.train_dataloader()))
     assert batch["style"].shape == (2, 1, 3, 64, 64)
     assert not torch.equal(batch["style"][:, 0], batch["image"])  # augmented, not a copy

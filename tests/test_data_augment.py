@@ -10,7 +10,7 @@ import torch
 
 from stedm.data.base import Record, SegmentationDataset
 from stedm.data.datamodule import SeededItems
-from stedm.data.demo import HED_STRONG, STAIN_SEED, demo_image_and_layout
+from stedm.data.datasets.demo import HED_STRONG, STAIN_SEED, demo_image_and_layout
 from stedm.data.transforms import seed_transform, train_transform
 from stedm.metrics.stain import hed_draw
 
@@ -81,7 +81,7 @@ def test_same_seed_same_orientation():
 
 def test_random_steps_of_the_pipeline_are_independent():
     """Crop position, orientation, colour jitter and blur are drawn independently of each other
-    and of ``np.random.default_rng(seed)`` (the style sampler's generator for the same sample)."""
+    and of ``np.random.default_rng(seed)`` (the style source's generator for the same sample)."""
     transform = train_transform(8, color_jitter=0.5, blur=0.5)
     transform.save_applied_params = True
     image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
@@ -112,7 +112,7 @@ def test_seeded_getitem_is_reproducible_and_leaves_the_global_generator_alone():
 
 
 def test_hed_draws_and_the_seeded_hed_jitter_give_the_numbers_they_gave_before_the_draw_moved():
-    # Pinned from stedm.data.demo's draw before it moved to stedm.metrics.stain.hed_draw.
+    # Pinned from stedm.data.datasets.demo's draw before it moved to stedm.metrics.stain.hed_draw.
     alpha, beta = hed_draw(np.random.default_rng([STAIN_SEED, 1]), HED_STRONG)  # the demo's lab 1
     assert np.r_[alpha, beta].tolist() == [0.8392688657068796, 0.9949207961847623, 1.1924887295385622,
                                            0.11249091033804676, -0.019466944615060544, 0.1555177274291688]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import write_folder_dataset
 from stedm.data.datamodule import StedmDataModule
-from stedm.data.folder import FolderDataset
+from stedm.data.datasets.folder import FolderDataset
 
 ALL_TRAIN = dict(val_fraction=0, test_fraction=0)
 
@@ -54,7 +54,7 @@ def test_16_bit_images_are_scaled_by_bit_depth_not_clipped(tmp_path):
 def test_cases_csv_beside_the_images_is_used_and_logged(tmp_path, caplog):
     rows = [f"img{i}.png,patient{i // 2},{'test' if i < 2 else 'train'}" for i in range(6)]
     root = write_folder_dataset(tmp_path / "f", n=6, csv_rows=rows)
-    with caplog.at_level(logging.INFO, logger="stedm.data.folder"):
+    with caplog.at_level(logging.INFO, logger="stedm.data.datasets.folder"):
         test = FolderDataset("f", images_dir=root / "images", masks_dir=root / "masks", split="test")
     assert [p.stem for p, _ in test.items] == ["img0", "img1"] and test.cases() == ["patient0", "patient0"]
     assert f"using {root / 'cases.csv'}" in caplog.text and "data.dataset.f.csv_path=false" in caplog.text
@@ -95,7 +95,7 @@ def test_instance_masks_beside_the_masks_become_sample_instances(compose_cfg, tm
 
 def test_images_smaller_than_the_patch_are_named_and_tiny_ones_refused(compose_cfg, tmp_path, caplog):
     root = write_folder_dataset(tmp_path / "data" / "folder", n=3, size=40)
-    with caplog.at_level(logging.WARNING, logger="stedm.data.folder"):
+    with caplog.at_level(logging.WARNING, logger="stedm.data.datasets.folder"):
         folder(root, patch_size=32)
         assert caplog.text == ""
         folder(root, patch_size=48)

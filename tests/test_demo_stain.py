@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stedm.data.demo import (HED_LIGHT, HED_STRONG, REGION, SCANNER, DemoDataset, demo_image_and_layout,
+from stedm.data.datasets.demo import (HED_LIGHT, HED_STRONG, REGION, SCANNER, DemoDataset, demo_image_and_layout,
                              lab_stain, region_roles, region_stains, stained_region)
 from stedm.metrics.stain import from_optical_density, mean_optical_density, optical_density
 

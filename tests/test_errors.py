@@ -9,8 +9,8 @@ import torch
 
 from conftest import write_folder_dataset
 from stedm.data.datamodule import StedmDataModule
-from stedm.data.folder import FolderDataset
-from stedm.data.style import StyleSampler
+from stedm.data.datasets.folder import FolderDataset
+from stedm.data.style_sources import StyleSource
 from stedm.run import resolve_devices
 
 
@@ -58,14 +58,14 @@ def test_image_mask_size_mismatch(tmp_path):
         FolderDataset("f", images_dir=root / "images", masks_dir=root / "masks", val_fraction=0, test_fraction=0)
 
 
-def test_style_sampler_the_dataset_cannot_serve(compose_cfg):
-    class NeedsSlides(StyleSampler):
+def test_style_source_the_dataset_cannot_serve(compose_cfg):
+    class NeedsSlides(StyleSource):
         name = "nearby"
         requires = frozenset({"slide"})
 
     cfg = compose_cfg("train_diff")
     with pytest.raises(ValueError, match=r"style_sampling=nearby needs .*'slide'.* entry 'demo_anno'"):
-        StedmDataModule(cfg.data, batch_size=2, style_sampler=NeedsSlides())
+        StedmDataModule(cfg.data, batch_size=2, style_source=NeedsSlides())
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="this machine has the GPUs location=cluster asks for")

@@ -125,7 +125,7 @@ def test_arms_pull_in_what_they_need_and_bad_options_are_named():
 
 
 def test_hed_jitter_changes_stain_not_layout():
-    from stedm.data.demo import stained_region
+    from stedm.data.datasets.demo import stained_region
     from stedm.metrics.stain import mean_optical_density
 
     image = np.ascontiguousarray(stained_region(0, 4, 0))

@@ -8,8 +8,8 @@ import torch
 
 from histology_fixtures import RECTANGLE, TRIANGLE, glas_instances, write_glas, write_monuseg, write_monuseg_xml
 from stedm.data.contract import IGNORE_INDEX, check_sample
-from stedm.data.glas import GlasDataset
-from stedm.data.monuseg import MoNuSegDataset, rasterise_instances, read_xml_polygons
+from stedm.data.datasets.glas import GlasDataset
+from stedm.data.datasets.monuseg import MoNuSegDataset, rasterise_instances, read_xml_polygons
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_refusals_name_the_key(tmp_path):
 def test_datamodule_batches_carry_cached_latents(compose_cfg, tmp_path):
     cfg = compose_cfg("train_diff", ["preset=tiny", "data.cache_latents=true", "data.samples=8"])
     dm = StedmDataModule(cfg.data, batch_size=4, eval_splits=(), cache_dir=tmp_path / "cache",
-                         style_sampler=instantiate(cfg.style_sampling.sampler))
+                         style_source=instantiate(cfg.style_sampling.source))
     stage = PoolFirstStage()
     strategy = SimpleNamespace(root_device=torch.device("cpu"), barrier=lambda name=None: None)
     dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(first_stage=stage), strategy=strategy,

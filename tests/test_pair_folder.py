@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import compose_in
 from stedm.data.pair_folder import SETTINGS, read_manifest
-from stedm.data.synthetic import SyntheticPairs
+from stedm.data.datasets.synthetic import SyntheticPairs
 from stedm.tasks.diffusion import train_diffusion
 from stedm.tasks.predict import predict_pairs
 
@@ -61,8 +61,8 @@ def pngs(folder: Path) -> dict[str, bytes]:
     (["data.augment.flips=false"], "data_augment.flips: True -> False"),
     (["data.patch_size=16"], "patch_size: 32 -> 16"),
     (["data.class_train_samples=3"], "data.demo_anno.class_train_samples: 4 -> 3"),
-    (["style_sampling=augmented", "style_sampling.sampler.rotate=90.0", "allow_style_sampling_change=true"],
-     "style_sampling.sampler.rotate: 360.0 -> 90.0"),
+    (["style_sampling=augmented", "style_sampling.source.rotate=90.0", "allow_style_sampling_change=true"],
+     "style_sampling.source.rotate: 360.0 -> 90.0"),
     (["ckpt_name=other"], "checkpoint_sha256: "),
 ])
 def test_each_changed_setting_is_refused_by_name(trained, change, setting):

@@ -98,7 +98,7 @@ def test_swin_style_encoder_head_is_768_to_512(paper):
 
 def test_style_sampling_and_svit_numbers(paper):
     cfg = paper("train_diff", "data=her2", "style_sampling=mp", "style_agg=svit")
-    assert cfg.style_sampling.sampler.num_patches == 10 and instantiate(cfg.style_sampling.sampler).num_images == 10
+    assert cfg.style_sampling.source.num_patches == 10 and instantiate(cfg.style_sampling.source).num_images == 10
     svit = cfg.style_agg.aggregator
     assert (svit.patch_size, svit.dim, svit.depth, svit.heads, svit.dim_head) == (8, 256, 6, 12, 64)
     assert svit.image_size == 512 and svit.num_images == 10 and svit.out_dim == 512
@@ -127,7 +127,7 @@ def test_her2_data_numbers(paper):
     assert dict(data.label_dict) == {"Background": 0, "Hard Negative": 0, "Necrosis": 0, "To Verify": 0,
                                      "HER2 0": 1, "HER2 1+": 2, "HER2 2+": 3, "HER2 3+": 4, "DCIS": 5, "LCIS": 5}
     assert data.downsample == 2 and data.patch_size == 512 and data.samples == 10000
-    assert {k: (v.probability, list(v.classes)) for k, v in data.sampling.items()} == {
+    assert {k: (v.probability, list(v.classes)) for k, v in data.locations.items()} == {
         "background": (0.5, [0]), "tumour": (0.5, [1, 2, 3, 4, 5])}
     assert 2 * data.border_crop == 64 and data.eval_overlap == 128  # training / validation overlaps
 
@@ -139,9 +139,9 @@ def test_catch_data_numbers(paper):
                                      "Cartilage": 0, "Bone": 0, "Trichoblastoma": 1, "Mast Cell Tumor": 2,
                                      "Melanoma": 3, "PNST": 4, "Plasmacytoma": 5, "SCC": 6, "Histiocytoma": 7}
     assert data.downsample == 8 and data.patch_size == 512 and data.samples == 10000
-    sampling = {k: (v.probability, v.classes if isinstance(v.classes, str) else list(v.classes))
-                for k, v in data.sampling.items()}
-    assert sampling == {"background": (0.4, [0]), "tumour": (0.5, [1, 2, 3, 4, 5, 6, 7]), "white": (0.1, "unannotated")}
+    locations = {k: (v.probability, v.classes if isinstance(v.classes, str) else list(v.classes))
+                 for k, v in data.locations.items()}
+    assert locations == {"background": (0.4, [0]), "tumour": (0.5, [1, 2, 3, 4, 5, 6, 7]), "white": (0.1, "unannotated")}
     assert 2 * data.border_crop == 64 and data.eval_overlap == 128
 
 

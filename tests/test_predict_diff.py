@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import compose_in
 from stedm.data.pair_folder import read_manifest
-from stedm.data.synthetic import SyntheticPairs
+from stedm.data.datasets.synthetic import SyntheticPairs
 from stedm.tasks.diffusion import train_diffusion
 from stedm.tasks.predict import PairSource, predict_pairs
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from histology_fixtures import write_monuseg_xml
-from stedm.data.monuseg import rasterise_instances, read_xml_polygons
+from stedm.data.datasets.monuseg import rasterise_instances, read_xml_polygons
 from stedm.data.rasterise import Polygon, rasterise_polygons
 from stedm.data.wsi.annotations import AnnotationSource, load_annotations
 from wsi_fixtures import write_geojson

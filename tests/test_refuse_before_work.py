@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import write_folder_dataset
 from stedm.data.datamodule import StedmDataModule
-from stedm.data.folder import FolderDataset
+from stedm.data.datasets.folder import FolderDataset
 from stedm.data.verify import CACHE_FILE
 from stedm.run import build_datamodule, prepare
 from stedm.tasks.segmentation import train_segmentation
@@ -115,7 +115,7 @@ def test_truncated_image_is_refused_before_training_and_good_files_are_remembere
 
 def glas(root: Path):
     from histology_fixtures import write_glas
-    from stedm.data.glas import GlasDataset
+    from stedm.data.datasets.glas import GlasDataset
 
     write_glas(root, train=4, test_a=2, test_b=1)
     return GlasDataset(root=root, split="test"), sorted(root.glob("test*.bmp"))
@@ -123,7 +123,7 @@ def glas(root: Path):
 
 def monuseg(root: Path):
     from histology_fixtures import write_monuseg
-    from stedm.data.monuseg import MoNuSegDataset
+    from stedm.data.datasets.monuseg import MoNuSegDataset
 
     write_monuseg(root, train=2, test=2)
     return MoNuSegDataset(root=root, split="test"), sorted((root / "test").iterdir())
@@ -131,7 +131,7 @@ def monuseg(root: Path):
 
 def flowers(root: Path):
     from conftest import write_flowers
-    from stedm.data.flowers import FlowersDataset
+    from stedm.data.datasets.flowers import FlowersDataset
 
     ids = write_flowers(root, classes=[0, 1])["tstid"]
     dataset = FlowersDataset("flowers_anno", root=str(root), train_classes=[0], unanno_classes=[1], split="test")
@@ -141,7 +141,7 @@ def flowers(root: Path):
 
 def synthetic(root: Path):
     from conftest import write_synthetic_pairs
-    from stedm.data.synthetic import SyntheticPairs
+    from stedm.data.datasets.synthetic import SyntheticPairs
 
     write_synthetic_pairs(root / "mine", n=3)
     return SyntheticPairs("demo_syn", root=str(root), folder_name="mine"), sorted((root / "mine").glob("*.png"))

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from conftest import compose_in, forced_precision
 from stedm.data.datamodule import StedmDataModule
-from stedm.data.sampler import MixedEpochSampler
+from stedm.data.mixing import MixedEpochSampler
 from stedm.tasks.diffusion import train_diffusion
 from stedm.tasks.segmentation import train_segmentation
 
@@ -37,7 +37,7 @@ def test_a_batch_is_the_same_whatever_the_workers(compose_cfg):
     batches = []
     for workers in (0, 2):
         datamodule = StedmDataModule(cfg.data, batch_size=4, num_workers=workers, eval_splits=(),
-                                     style_sampler=instantiate(cfg.style_sampling.sampler))
+                                     style_source=instantiate(cfg.style_sampling.source))
         batches.append(list(datamodule.train_dataloader())[:2])
     for plain, loaded_by_workers in zip(*batches, strict=True):
         for key in ("image", "mask", "style"):

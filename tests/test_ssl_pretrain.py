@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from histology_fixtures import write_glas
-from stedm.data.glas import GlasDataset
+from stedm.data.datasets.glas import GlasDataset
 from stedm.diffusion.solvers import noise_for_indices
 from stedm.models.ssl_unet import build_ssl_segmenter, build_ssl_unet, load_pretrained_unet
 from stedm.modules.ssl_pretrain import PRETRAINED_FILENAME, SSLPretrainer

@@ -1,5 +1,5 @@
 """Whole-slide data: slide reading, annotation rasterisation, sampling, evaluation tiling, slide
-style samplers and the her2/catch configs, on tiny slides written in the real formats."""
+style sources and the her2/catch configs, on tiny slides written in the real formats."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from PIL import Image
 from stedm.data.base import Record
 from stedm.data.contract import IGNORE_INDEX
 from stedm.data.datamodule import StedmDataModule
-from stedm.data.style import MultiPatchStyle, NearbyStyle
+from stedm.data.style_sources import MultiPatchStyle, NearbyStyle
 from stedm.data.wsi import WSIDataset
 from stedm.data.wsi.annotations import AnnotationSource, load_annotations
 from stedm.data.rasterise import Polygon, rasterise_polygons
@@ -197,8 +197,8 @@ def test_unknown_class_names_are_listed(tmp_path):
 def test_configuration_mistakes_name_what_to_change(tmp_path):
     image = tissue_image(64, 64, [(8, 8, 56, 56)])
     root = write_wsi_folder(tmp_path, {"a": (image, [("Tumor", [rectangle(8, 8, 40, 40)])])}, ["a.tif,a,train,"])
-    with pytest.raises(ValueError, match=r"sampling.tumour.classes must be class ids in 0..1"):
-        wsi_dataset(root, sampling={"tumour": {"probability": 1.0, "classes": [1, 5]}})
+    with pytest.raises(ValueError, match=r"locations.tumour.classes must be class ids in 0..1"):
+        wsi_dataset(root, locations={"tumour": {"probability": 1.0, "classes": [1, 5]}})
     with pytest.raises(ValueError, match=r"label_dict\['Tumor'\]=9"):
         wsi_dataset(root, label_dict={"Tumor": 9})
     with pytest.raises(FileNotFoundError, match="annotations_dir"):
@@ -222,13 +222,13 @@ def test_tissue_detection_keeps_tissue_and_drops_specks():
 
 def test_training_draws_groups_and_slides_with_the_configured_probabilities(tmp_path):
     write_catch(tmp_path)
-    sampling = {"background": {"probability": 0.4, "classes": [0]},
-                "tumour": {"probability": 0.5, "classes": [3, 6]},
-                "white": {"probability": 0.1, "classes": "unannotated"}}
+    locations = {"background": {"probability": 0.4, "classes": [0]},
+                 "tumour": {"probability": 0.5, "classes": [3, 6]},
+                 "white": {"probability": 0.1, "classes": "unannotated"}}
     dataset = WSIDataset("catch_anno", str(tmp_path / "slides"), csv_path=str(tmp_path / "slides.csv"),
                          annotations_db=str(tmp_path / "CATCH.sqlite"), label_dict=CATCH_LABELS, class_train_samples=1,
                          subtype_column="subtype",
-                         patch_size=8, downsample=2, sampling=sampling, annotation_downsample=8, num_classes=8)
+                         patch_size=8, downsample=2, locations=locations, annotation_downsample=8, num_classes=8)
     assert len(dataset.slides) == 2 and len(dataset) == 1000  # one per subtype; nominal epoch length
 
     def group_of(x: int, y: int) -> str:
@@ -306,7 +306,7 @@ def test_class_train_samples_picks_slides_per_subtype(tmp_path):
     assert names(wsi_dataset(root, split="val")) == ["Aval", "Bval", "Cval"]
 
 
-# -- slide style samplers -----------------------------------------------------------------------
+# -- slide style sources -----------------------------------------------------------------------
 
 CRISP_TISSUE = {"downsample": 8, "blur_sigma": 0, "kernel": 1, "min_area": 1}
 """Tissue detection without blur or morphology: tissue edges on multiples of 8 stay exact."""
@@ -323,7 +323,7 @@ def position_slide(size: int = 1024, glass_from: int = 640) -> np.ndarray:
 def test_nearby_stays_within_its_radius_and_on_tissue(tmp_path):
     root = write_wsi_folder(tmp_path, {"pos": (position_slide(), None)})
     dataset = wsi_dataset(root, role="unlabelled", val_fraction=0, test_fraction=0, tissue=CRISP_TISSUE,
-                          style_sampler=NearbyStyle())
+                          style_source=NearbyStyle())
     target = (620, 512)  # near the glass (x >= 640): a third of the candidate square is glass
     record = Record(image=np.zeros((16, 16, 3), np.uint8), mask=None, case="pos",
                     meta={"slide_index": 0, "centre_x": target[0], "centre_y": target[1]})
@@ -350,7 +350,7 @@ def test_mp_reads_every_patch_from_the_targets_slide(tmp_path):
     root = write_wsi_folder(tmp_path, {"a": (slide_a, None), "b": (slide_b, None)})
     sampler = MultiPatchStyle(num_patches=10)
     dataset = wsi_dataset(root, role="unlabelled", val_fraction=0, test_fraction=0, tissue=CRISP_TISSUE,
-                          style_sampler=sampler)
+                          style_source=sampler)
     for slide, colour in ((0, TISSUE_COLOUR), (1, other_colour)):
         record = Record(image=np.zeros((16, 16, 3), np.uint8), mask=None, case="x",
                         meta={"slide_index": slide, "centre_x": 256, "centre_y": 256})
@@ -374,9 +374,9 @@ def test_catch_config_with_mp_feeds_the_datamodule(compose_cfg, tmp_path):
     names = write_catch(tmp_path / "data" / "catch")
     cfg = compose_cfg("train_diff", ["data=catch", "style_sampling=mp", f"location.data_dir={tmp_path / 'data'}",
                                      *SMALL])
-    assert cfg.data.sampling.white == {"probability": 0.1, "classes": "unannotated"}
+    assert cfg.data.locations.white == {"probability": 0.1, "classes": "unannotated"}
     assert cfg.data.label_dict["Inflamm/Necrosis"] == 0 and cfg.data.label_dict["Histiocytoma"] == 7
-    datamodule = StedmDataModule(cfg.data, batch_size=2, style_sampler=instantiate(cfg.style_sampling.sampler),
+    datamodule = StedmDataModule(cfg.data, batch_size=2, style_source=instantiate(cfg.style_sampling.source),
                                  eval_splits=("val",))
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["style"].shape == (2, 10, 3, 32, 32) and batch["image"].shape == (2, 3, 32, 32)
@@ -396,8 +396,8 @@ def test_her2_config_with_geojson_and_nearby(compose_cfg, tmp_path):
                      header="slide,case,split,score")
     cfg = compose_cfg("train_diff", ["data=her2", "style_sampling=nearby", f"location.data_dir={tmp_path / 'data'}",
                                      "data/entries=her2_paired", *SMALL])
-    assert cfg.data.sampling.background.probability == 0.5 and cfg.data.downsample == 2
-    datamodule = StedmDataModule(cfg.data, batch_size=2, style_sampler=instantiate(cfg.style_sampling.sampler),
+    assert cfg.data.locations.background.probability == 0.5 and cfg.data.downsample == 2
+    datamodule = StedmDataModule(cfg.data, batch_size=2, style_source=instantiate(cfg.style_sampling.source),
                                  eval_splits=("val",))
     labelled, unlabelled = datamodule.train_sets
     assert [s.path.stem for s in labelled.slides] in (["s0", "s1"], ["s0", "s2"])  # one slide per HER2 score

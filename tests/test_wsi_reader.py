@@ -133,7 +133,7 @@ def test_slide_reader_is_chosen_by_config(compose_cfg, tmp_path):
     for overrides, expected in (([], "tiles"), (["data.slide_reader=openslide"], "openslide"),
                                 (["data.slide_reader=tiffslide"], "tiffslide")):
         cfg = compose_cfg("train_diff", ["data=her2", "style_sampling=mp", *small, *overrides])
-        datamodule = StedmDataModule(cfg.data, batch_size=2, style_sampler=instantiate(cfg.style_sampling.sampler),
+        datamodule = StedmDataModule(cfg.data, batch_size=2, style_source=instantiate(cfg.style_sampling.source),
                                      eval_splits=())
         labelled, unlabelled = datamodule.train_sets
         assert {r.reader for r in labelled.readers + unlabelled.readers} == {expected}

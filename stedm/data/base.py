@@ -2,7 +2,7 @@
 
 A subclass says how to *load* one record (uint8 image, class-id mask or ``None``, case id);
 this base turns records into samples of the contract in :mod:`stedm.data.contract`:
-joint image/mask augmentation, style images from the active style sampler, range conversion.
+joint image/mask augmentation, style images from the active style source, range conversion.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class Record:
 class SegmentationDataset(Dataset):
     """Registry dataset: subclasses implement :meth:`__len__` and :meth:`load`.
 
-    ``capabilities`` names what the dataset can offer a style sampler beyond the target image
-    (e.g. ``"slide"`` for whole-slide datasets that can read nearby patches); a sampler that
+    ``capabilities`` names what the dataset can offer a style source beyond the target image
+    (e.g. ``"slide"`` for whole-slide datasets that can read nearby patches); a source that
     requires a capability the dataset lacks is refused before training starts.
     """
 
@@ -57,7 +57,7 @@ class SegmentationDataset(Dataset):
         split: str = "train",
         num_classes: int | None = None,
         transform: Callable | None = None,
-        style_sampler: Any | None = None,
+        style_source: Any | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"dataset '{name}': split must be one of {SPLITS}, got '{split}'")
@@ -65,7 +65,7 @@ class SegmentationDataset(Dataset):
         self.split = split
         self.num_classes = num_classes
         self.transform = transform
-        self.style_sampler = style_sampler
+        self.style_source = style_source
 
     # -- to implement -------------------------------------------------------------------------
     def __len__(self) -> int:  # pragma: no cover - abstract
@@ -118,9 +118,9 @@ class SegmentationDataset(Dataset):
         }
         if instances is not None:
             sample["instances"] = torch.from_numpy(np.ascontiguousarray(instances)).to(torch.int64)
-        if self.style_sampler is not None and self.style_sampler.num_images > 0:
+        if self.style_source is not None and self.style_source.num_images > 0:
             rng = np.random.default_rng(seed)
-            styles = self.style_sampler(self, record, image, rng)
+            styles = self.style_source(self, record, image, rng)
             sample["style"] = image_to_tensor(np.stack(styles))
         return sample
 

@@ -9,7 +9,7 @@ A sample is a ``dict`` with these keys (and nothing else is required):
     with :data:`IGNORE_INDEX` so labelled and unlabelled samples collate together.
 ``labelled``
     ``bool``: whether ``mask`` holds a real annotation.
-``style`` (only while a style sampler is active)
+``style`` (only while a style source is active)
     ``float32`` tensor ``n x 3 x H x W`` in ``[-1, 1]``: the style images of this sample.
 ``instances`` (only for datasets that know object instances, e.g. GlaS, MoNuSeg)
     ``int64`` tensor ``H x W``: 0 = background, 1..K = instance ids.

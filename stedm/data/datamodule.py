@@ -28,8 +28,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, default_collate
 
 from stedm.cluster import ignore_scheduler_signals
 from stedm.data.contract import check_sample
-from stedm.data.sampler import MixedEpochSampler, epoch_counts, items_per_process
-from stedm.data.style import StyleSampler, check_compatible
+from stedm.data.mixing import MixedEpochSampler, epoch_counts, items_per_process
+from stedm.data.style_sources import StyleSource, check_compatible
 from stedm.data.transforms import train_transform
 from stedm.data.verify import verify_files
 
@@ -98,7 +98,7 @@ def check_epoch(data: DictConfig, batch_size: int, world_size: int = 1) -> None:
             "or location.batch_mul")
 
 
-def build_dataset(data: DictConfig, name: str, split: str, transform=None, style_sampler=None) -> Dataset:
+def build_dataset(data: DictConfig, name: str, split: str, transform=None, style_source=None) -> Dataset:
     """Instantiate registry entry ``name`` for ``split``; errors name the entry."""
     entry = data.dataset[name]
     if entry is None or "_target_" not in entry:
@@ -108,20 +108,20 @@ def build_dataset(data: DictConfig, name: str, split: str, transform=None, style
     kwargs = OmegaConf.to_container(entry, resolve=True)
     dataset_class = get_class(kwargs.pop("_target_"))
     dataset = dataset_class(**kwargs, name=name, split=split, num_classes=data.num_classes,
-                            transform=transform, style_sampler=style_sampler)
+                            transform=transform, style_source=style_source)
     if len(dataset) == 0:
         raise ValueError(f"dataset entry '{name}' (split {split}) is empty; check its paths and filters")
-    if style_sampler is not None:
-        check_compatible(style_sampler, dataset, name)
+    if style_source is not None:
+        check_compatible(style_source, dataset, name)
     check_sample(dataset[0], data.num_classes)
     return dataset
 
 
-def train_dataset(data: DictConfig, name: str, style_sampler: StyleSampler | None = None) -> Dataset:
+def train_dataset(data: DictConfig, name: str, style_source: StyleSource | None = None) -> Dataset:
     """Registry entry ``name`` as training data: random ``data.patch_size`` crops augmented by
-    ``data.augment`` (:func:`stedm.data.transforms.train_transform`), styles from ``style_sampler``."""
+    ``data.augment`` (:func:`stedm.data.transforms.train_transform`), styles from ``style_source``."""
     augment = OmegaConf.to_container(data.get("augment") or {}, resolve=True)
-    return build_dataset(data, name, "train", train_transform(int(data.patch_size), **augment), style_sampler)
+    return build_dataset(data, name, "train", train_transform(int(data.patch_size), **augment), style_source)
 
 
 def check_label_spaces(data: DictConfig, names: list[str], datasets: list[Dataset]) -> None:
@@ -170,7 +170,7 @@ class StedmDataModule(pl.LightningDataModule):
     """Loaders for every stage. ``eval_splits`` picks which of val/test are built."""
 
     def __init__(self, data: DictConfig, batch_size: int, num_workers: int = 0, seed: int = 0,
-                 style_sampler: StyleSampler | None = None, eval_splits: Sequence[str] = ("val", "test"),
+                 style_source: StyleSource | None = None, eval_splits: Sequence[str] = ("val", "test"),
                  pin_memory: bool = False, cache_dir: str | Path | None = None, batch_mul: int | None = None) -> None:
         """``cache_dir`` remembers the files already read in full (:mod:`stedm.data.verify`);
         ``batch_mul`` is ``location.batch_mul``, named when it is not positive."""
@@ -182,10 +182,10 @@ class StedmDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.pin_memory = pin_memory
-        self.style_sampler = style_sampler
+        self.style_source = style_source
         self.names = list(data.dataset.keys())
         self.ratios = entry_ratios(data)
-        self.train_sets = [train_dataset(data, n, style_sampler) for n in self.names]
+        self.train_sets = [train_dataset(data, n, style_source) for n in self.names]
         check_label_spaces(data, self.names, self.train_sets)
         self.eval_sets = {s: build_dataset(data, self.names[0], s) for s in eval_splits}
         verify_files([*self.train_sets, *self.eval_sets.values()], cache_dir)

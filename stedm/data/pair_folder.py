@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from stedm.compat import upgrade
 from stedm.config import differences
 from stedm.data.contract import IGNORE_INDEX
 from stedm.data.io import read_image, read_mask
@@ -126,15 +127,17 @@ def pair_indices(folder: Path, limit: int | None = None, manifest: dict[int, dic
 
 # -- settings ----------------------------------------------------------------------------------
 def folder_settings(folder: Path, unreadable: str = "; it records how the pairs were written") -> dict:
-    """The pair folder's settings as ``predict_diff.py`` wrote them ({} if it has none); an
-    unreadable file is refused, the message ending in ``unreadable``."""
+    """The pair folder's settings as ``predict_diff.py`` wrote them ({} if it has none), under
+    today's keys (:func:`stedm.compat.upgrade`: a folder written before a key moved still resumes);
+    an unreadable file is refused, the message ending in ``unreadable``."""
     path = Path(folder) / SETTINGS
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        settings = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is unreadable ({err}){unreadable}") from None
+    return upgrade(settings)
 
 
 def layout_classes_of(folder: Path) -> int | None:

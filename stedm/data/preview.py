@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> Path:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train_diff", overrides=args.overrides)
     torch.manual_seed(int(cfg.seed))
-    sampler = instantiate(cfg.style_sampling.sampler)
+    source = instantiate(cfg.style_sampling.source)
     splits = ("val", "test") if args.eval_rows > 0 else ()
-    dm = StedmDataModule(cfg.data, batch_size=args.rows, seed=int(cfg.seed), style_sampler=sampler, eval_splits=splits)
+    dm = StedmDataModule(cfg.data, batch_size=args.rows, seed=int(cfg.seed), style_source=source, eval_splits=splits)
     names, patch = list(cfg.data.class_names), int(cfg.data.patch_size)
     print(f"data={cfg.data.name}  classes={names}  patch={patch}")
     mix = dm.epoch_mix()

@@ -2,7 +2,7 @@
 
 The one rasteriser of annotation polygons: whole-slide annotations (level-0 coordinates,
 :mod:`stedm.data.wsi.annotations`) and MoNuSeg's nuclei (image coordinates, origin 0,
-downsample 1, :mod:`stedm.data.monuseg`). A raster with origin ``(x0, y0)`` and downsample
+downsample 1, :mod:`stedm.data.datasets.monuseg`). A raster with origin ``(x0, y0)`` and downsample
 ``d`` has pixel ``(i, j)`` centred at ``(x0 + (j + 0.5) d, y0 + (i + 0.5) d)``. At origin 0 and
 downsample 1, pixel ``(i, j)`` is the unit square from ``(j, i)`` to ``(j + 1, i + 1)`` (the
 GeoJSON/QuPath convention): a square from ``(0, 0)`` to ``(2, 2)`` covers exactly pixels 0..1 x

@@ -76,7 +76,7 @@ def seed_transform(transform: A.Compose, seed: int) -> None:
     the same seed, so all steps draw the same numbers: every ``p=0.5`` decision fires together
     and the crop position follows them. Here all steps share one pair of generators and draw in
     turn. The generators come from a child of ``seed``'s ``SeedSequence``, so they are also
-    independent of ``np.random.default_rng(seed)`` (which the style sampler uses).
+    independent of ``np.random.default_rng(seed)`` (which the style source uses).
     """
     child = np.random.SeedSequence(seed).spawn(1)[0]
     transform.set_random_state(np.random.default_rng(child), random.Random(int(child.generate_state(1)[0])))

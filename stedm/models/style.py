@@ -108,7 +108,7 @@ class LinearAggregator(nn.Module):
         _check_embeddings(emb, type(self).__name__)
         if emb.shape[1] != self.num_images:
             raise ValueError(f"LinearAggregator was built for num_images={self.num_images} style images, "
-                             f"got {emb.shape[1]}; set num_images to the style sampler's number of images")
+                             f"got {emb.shape[1]}; set num_images to the style source's number of images")
         return self.mlp(emb.flatten(1))
 
 
@@ -172,7 +172,7 @@ class SetViTAggregator(nn.Module):
         expected = (self.num_images, 3, self.image_size, self.image_size)
         if style.ndim != 5 or tuple(style.shape[1:]) != expected:
             raise ValueError(f"SetViTAggregator expects style images shaped B x {' x '.join(map(str, expected))}, "
-                             f"got {tuple(style.shape)}; set num_images / image_size to the style sampler's")
+                             f"got {tuple(style.shape)}; set num_images / image_size to the style source's")
         tokens = self.blocks(self.patch_embed(style.flatten(1, 2)) + self.pos_embed)
         return self.head(tokens.mean(dim=1))
 

@@ -191,7 +191,7 @@ class SSLPretrainer(pl.LightningModule):
 
         Returns up to ``sample_frames`` snapshots ``frames x num_images x C x H x W`` in the model's
         range, evenly spaced along the trajectory: the initial noise first, the final sample last.
-        The starting noise and the sampler's noise are fixed by ``seed``.
+        The starting noise and the solver's noise are fixed by ``seed``.
         """
         snapshot_every = math.ceil(self.sampling.steps / (self.hparams.sample_frames - 1))
         inputs: list[torch.Tensor] = []  # every snapshot_every-th denoiser input x_t, from x_T on

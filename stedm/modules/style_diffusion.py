@@ -164,7 +164,7 @@ class StyleDiffusion(pl.LightningModule):
 
     def _predict_eps(self, x_t: Tensor, t: Tensor, layout: Tensor, style_vector: Tensor | None = None) -> Tensor:
         output = self.denoiser(torch.cat([x_t, layout], dim=1), t, style_vector)
-        # float32 from here on: guidance statistics and sampler updates are not for bf16 autocast
+        # float32 from here on: guidance statistics and solver updates are not for bf16 autocast
         return to_epsilon(self.noise_scheduler, output.float(), x_t, t)
 
     def _predict_eps_pair(self, x_t: Tensor, t: Tensor, layout: Tensor, style_vector: Tensor,

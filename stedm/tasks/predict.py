@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm import tqdm
 
+from stedm.compat import refuse_stale_keys, upgrade
 from stedm.config import differences
 from stedm.data.contract import tensor_to_image
 from stedm.data.datamodule import entry_ratios, train_dataset
@@ -53,6 +54,7 @@ def check_arguments(cfg: DictConfig) -> SamplingOptions:
     run's sampling options (conf/sampling and its aliases), each checked."""
     if not cfg.get("predict_dir"):
         raise ValueError("no output folder: pass +predict_dir=NAME (pairs go to <data_dir>/syn_data/NAME)")
+    refuse_stale_keys(cfg)
     if cfg.get("num_pairs") is not None and (not isinstance(cfg.num_pairs, int) or cfg.num_pairs < 1):
         raise ValueError(f"num_pairs={cfg.num_pairs}: give a positive number of pairs (null = 2 x data.samples)")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
@@ -121,7 +123,7 @@ def resolve_choices(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> 
     checkpoint where not given; refuses given ``preset``/``diffusion``/``style_agg`` that
     contradict the checkpoint (resolved alongside its other choices), and a ``style_sampling``
     other than the training one unless ``allow_style_sampling_change=true``."""
-    trained = checkpoint.get(CHOICES_KEY)
+    trained = upgrade(checkpoint.get(CHOICES_KEY))  # today's keys, also for an older checkpoint
     named = [key for key in ("style_sampling", *MODEL_CHOICES) if cfg.get(key) is not None]
     if trained is None:
         if named:
@@ -175,7 +177,7 @@ class PairSource:
             raise ValueError(f"predict_diff needs two entries, layouts then styles: data/dataset=[x_anno,x_unanno] "
                              f"(got {names})")
         self.layouts = train_dataset(cfg.data, names[0])
-        self.styles = train_dataset(cfg.data, names[1], instantiate(cfg.style_sampling.sampler)) if with_style else None
+        self.styles = train_dataset(cfg.data, names[1], instantiate(cfg.style_sampling.source)) if with_style else None
         self.seed = int(cfg.seed)
 
     def __call__(self, i: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ Roles and splits:
 - ``role="labelled"``, ``split="train"``: the annotated training slides of
   ``class_train_samples`` cases per subtype (sorted, seeded; ``null`` = all). Each item is a
   ``patch_size`` patch at ``downsample`` drawn fresh on every access: a class group by its
-  probability (``sampling``), a slide uniformly among those containing the group, a point
+  probability (``locations``), a slide uniformly among those containing the group, a point
   uniformly inside the group's area. ``len`` is the nominal ``epoch_length``; the DataModule's
   with-replacement sampler sets how many items an epoch really has. The draw is seeded by the
   index and torch's RNG, so it is reproducible under Lightning's per-worker seeding.
@@ -43,8 +43,8 @@ OpenSlide, which composites reads from levels whose downsample is not an integer
 4.0001, ...) through a slow sub-pixel path. ``python benchmarks/wsi.py --help`` measures both.
 
 Every record's ``meta`` carries ``slide_index`` (into this dataset's slide list) and the level-0
-patch centre ``centre_x``/``centre_y``, from which the slide style samplers
-(:class:`~stedm.data.style.NearbyStyle`, :class:`~stedm.data.style.MultiPatchStyle`) read more
+patch centre ``centre_x``/``centre_y``, from which the slide style sources
+(:class:`~stedm.data.style_sources.NearbyStyle`, :class:`~stedm.data.style_sources.MultiPatchStyle`) read more
 patches through :meth:`WSIDataset.read_style_patches`, :meth:`WSIDataset.tissue_points` and
 :meth:`WSIDataset.on_tissue`.
 """
@@ -77,7 +77,7 @@ from stedm.data.wsi.annotations import (
 )
 from stedm.data.wsi.cache import cache_key, file_digest, load_arrays, save_arrays
 from stedm.data.wsi.regions import Box, evaluation_cores
-from stedm.data.wsi.sampling import PixelSampler, parse_groups
+from stedm.data.wsi.locations import MapPoints, parse_groups
 from stedm.data.wsi.slide import READERS, SlideReader
 from stedm.data.wsi.table import SlideInfo, read_slide_table, select_labelled
 from stedm.data.wsi.tiles import TileCache
@@ -102,7 +102,8 @@ class WSIDataset(SegmentationDataset):
         role: ``labelled`` or ``unlabelled``. class_train_samples: labelled cases per subtype.
         subtype_column: CSV column of the subtype (``null``: none).
         patch_size: patch side in pixels. downsample: level-0 pixels per patch pixel.
-        sampling: ``{group: {probability: p, classes: [ids] | "unannotated"}}`` (``null``: any class).
+        locations: where training patches are centred, ``{group: {probability: p, classes: [ids] |
+            "unannotated"}}`` (``null``: anywhere annotated; :mod:`stedm.data.wsi.locations`).
         unannotated_label: training-mask class of pixels no annotation covers (``null``: ignored).
         epoch_length: nominal length of the training sets.
         annotation_downsample: level-0 pixels per lookup-map pixel.
@@ -121,7 +122,7 @@ class WSIDataset(SegmentationDataset):
                  annotations_db: str | None = None, label_dict: Mapping[str, int] | None = None,
                  role: str = "labelled", split: str = "train", class_train_samples: int | None = None,
                  subtype_column: str | None = None, patch_size: int = 512, downsample: float = 1.0,
-                 sampling: Mapping[str, Any] | None = None, unannotated_label: int | None = None,
+                 locations: Mapping[str, Any] | None = None, unannotated_label: int | None = None,
                  epoch_length: int = 1000, annotation_downsample: float = 64.0, eval_context: int = 0,
                  max_unit_patches: int = 4, tissue: Mapping[str, Any] | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.2, seed: int = 0, cache_dir: str | None = None, slide_reader: str = "auto",
@@ -175,7 +176,7 @@ class WSIDataset(SegmentationDataset):
         self.readers = [SlideReader(s.path, slide_reader, self.tile_cache)
                         for s in progress(chosen, f"{where}: opening slides")]
         self.has_subtypes = any(s.subtype for s in table)
-        self._tissue: dict[int, PixelSampler] = {}
+        self._tissue: dict[int, MapPoints] = {}
         self._tissue_cached: set[int] = set()  # slides whose tissue mask came from cache_dir
 
         self.annotations: list[SlideAnnotations] = []
@@ -184,17 +185,17 @@ class WSIDataset(SegmentationDataset):
         if role == "labelled":
             lookups = self._load_annotations([sources[s.path] for s in chosen])
             if split == "train":
-                self._build_sampling(sampling, lookups)
+                self._build_locations(locations, lookups)
             else:
                 self.units = [(i, core) for i, lookup in enumerate(lookups) for core in
                               evaluation_cores(lookup, self.annotation_downsample, self.downsample, self.max_unit)]
                 if not self.units:
                     raise ValueError(f"{where}: the {split} slides' annotations cover no pixel")
-        needs_tissue = role == "unlabelled" or "slide" in getattr(self.style_sampler, "requires", ())
+        needs_tissue = role == "unlabelled" or "slide" in getattr(self.style_source, "requires", ())
         if needs_tissue:  # computed here, before DataLoader workers fork, so each worker need not
             start = time.perf_counter()
             for i in progress(range(len(self.slides)), f"{where}: tissue masks"):
-                self.tissue_sampler(i)
+                self.tissue_map(i)
             hits = len(self._tissue_cached)
             log.info("%s: tissue masks of %d slide(s) in %.1f s (%d from cache, %d detected on thumbnails)",
                      where, len(self.slides), time.perf_counter() - start, hits, len(self.slides) - hits)
@@ -249,21 +250,21 @@ class WSIDataset(SegmentationDataset):
                              f"(found in {sorted(set(files))[:5]}); add them with their class id, or 255 to drop them")
         return lookups
 
-    def _build_sampling(self, sampling: Mapping[str, Any] | None, lookups: list[np.ndarray]) -> None:
-        for group in parse_groups(sampling, self.num_classes, self.where):
-            samplers = [(i, PixelSampler(lookup, group.values, self.annotation_downsample))
-                        for i, lookup in enumerate(lookups)]
-            samplers = [(i, s) for i, s in samplers if s.count > 0]
-            if not samplers:
+    def _build_locations(self, locations: Mapping[str, Any] | None, lookups: list[np.ndarray]) -> None:
+        for group in parse_groups(locations, self.num_classes, self.where):
+            areas = [(i, MapPoints(lookup, group.values, self.annotation_downsample))
+                     for i, lookup in enumerate(lookups)]
+            areas = [(i, a) for i, a in areas if a.count > 0]
+            if not areas:
                 if group.probability > 0:
-                    warnings.warn(f"{self.where}: no labelled training slide contains sampling group "
+                    warnings.warn(f"{self.where}: no labelled training slide contains locations group "
                                   f"'{group.name}'; its probability {group.probability} goes to the others",
                                   stacklevel=3)
                 continue
             self.groups.append(group)
-            self.group_slides.append(samplers)
+            self.group_slides.append(areas)
         if not self.groups or sum(g.probability for g in self.groups) <= 0:
-            raise ValueError(f"{self.where}: no sampling group with positive probability has annotated pixels")
+            raise ValueError(f"{self.where}: no locations group with positive probability has annotated pixels")
         probabilities = np.array([g.probability for g in self.groups])
         self.group_probabilities = probabilities / probabilities.sum()
 
@@ -300,8 +301,8 @@ class WSIDataset(SegmentationDataset):
             slide = int(rng.integers(len(self.slides)))
             return self._patch_record(slide, self.tissue_points(slide, 1, rng)[0])
         group = int(rng.choice(len(self.groups), p=self.group_probabilities))
-        slide, sampler = self.group_slides[group][int(rng.integers(len(self.group_slides[group])))]
-        return self._patch_record(slide, sampler.sample(1, rng)[0])
+        slide, area = self.group_slides[group][int(rng.integers(len(self.group_slides[group])))]
+        return self._patch_record(slide, area.sample(1, rng)[0])
 
     def _meta(self, slide: int, x: float, y: float) -> dict[str, Any]:
         meta = {"slide_index": slide, "centre_x": round(x), "centre_y": round(y)}
@@ -335,9 +336,9 @@ class WSIDataset(SegmentationDataset):
         centre = ((x0 + x1) / 2 * self.downsample, (y0 + y1) / 2 * self.downsample)
         return Record(image=image, mask=mask, case=self.slides[slide].case, meta=self._meta(slide, *centre))
 
-    # -- what slide style samplers use ------------------------------------------------------------
-    def tissue_sampler(self, slide: int) -> PixelSampler:
-        """Uniform sampler over the slide's tissue (detected on a thumbnail; cached on disk)."""
+    # -- what slide style sources use ------------------------------------------------------------
+    def tissue_map(self, slide: int) -> MapPoints:
+        """Uniform points over the slide's tissue (detected on a thumbnail; cached on disk)."""
         if slide not in self._tissue:
             reader, params = self.readers[slide], self.tissue_params
             stat = reader.path.stat()
@@ -355,18 +356,18 @@ class WSIDataset(SegmentationDataset):
                 warnings.warn(f"{self.where}: no tissue found on {reader.path.name} (tissue.threshold="
                               f"{params.threshold}); using the whole slide", stacklevel=2)
                 mask = np.ones_like(mask)
-            self._tissue[slide] = PixelSampler(mask, (1,), params.downsample)
+            self._tissue[slide] = MapPoints(mask, (1,), params.downsample)
             if cached is not None:
                 self._tissue_cached.add(slide)
         return self._tissue[slide]
 
     def tissue_points(self, slide: int, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n x 2`` level-0 ``(x, y)`` points uniform over the slide's tissue."""
-        return self.tissue_sampler(slide).sample(n, rng)
+        return self.tissue_map(slide).sample(n, rng)
 
     def on_tissue(self, slide: int, points: np.ndarray) -> np.ndarray:
         """Whether each level-0 ``(x, y)`` point lies on the slide's tissue."""
-        tissue = self.tissue_sampler(slide)
+        tissue = self.tissue_map(slide)
         cells = np.floor(np.asarray(points, dtype=np.float64) / tissue.downsample).astype(np.int64)
         height, width = tissue.labels.shape
         inside = (cells[:, 0] >= 0) & (cells[:, 0] < width) & (cells[:, 1] >= 0) & (cells[:, 1] < height)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from stedm.data.base import SPLITS
-from stedm.data.folder import assign_splits, split_labelled
+from stedm.data.datasets.folder import assign_splits, split_labelled
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi")
 

@@ -1,6 +1,6 @@
 """Tissue detection on a slide thumbnail: min over RGB, blurred, thresholded, cleaned.
 
-The ``mp`` and ``nearby`` style samplers and the unlabelled pool draw their patches on tissue
+The ``mp`` and ``nearby`` style sources and the unlabelled pool draw their patches on tissue
 (docs/method.md, 1 STEDM).
 
 Stained tissue has at least one dark channel while glass is bright in all three, so the

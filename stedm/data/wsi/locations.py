@@ -3,7 +3,8 @@
 A training location is drawn in three steps (docs/method.md, 3 Data): a class *group* by its
 probability (e.g. CATCH background 0.4 / tumour 0.5 / unannotated white 0.1), a slide uniformly
 among the slides that contain the group, and a point uniformly inside the group's area on that
-slide's low-resolution lookup map.
+slide's low-resolution lookup map. The groups are ``data.locations`` (the ``locations`` of a
+whole-slide dataset entry).
 """
 
 from __future__ import annotations
@@ -26,20 +27,20 @@ class ClassGroup:
     values: tuple[int, ...]  # lookup-map values: class ids, or IGNORE_INDEX for unannotated pixels
 
 
-def parse_groups(sampling: Mapping[str, Any] | None, num_classes: int | None, where: str) -> list[ClassGroup]:
+def parse_groups(locations: Mapping[str, Any] | None, num_classes: int | None, where: str) -> list[ClassGroup]:
     """``{name: {probability: p, classes: [ids] | "unannotated"}}`` -> groups (``None``: all classes, p = 1)."""
-    if not sampling:
+    if not locations:
         if num_classes is None:
-            raise ValueError(f"{where}: give data.num_classes or a sampling table")
+            raise ValueError(f"{where}: give data.num_classes or a locations table")
         return [ClassGroup("annotated", 1.0, tuple(range(num_classes)))]
     groups = []
-    for name, spec in sampling.items():
+    for name, spec in locations.items():
         if not isinstance(spec, Mapping) or set(spec) != {"probability", "classes"}:
-            raise ValueError(f"{where}: sampling.{name} must be {{probability: p, classes: [ids] or "
+            raise ValueError(f"{where}: locations.{name} must be {{probability: p, classes: [ids] or "
                              f"'{UNANNOTATED}'}}, got {spec}")
         probability = float(spec["probability"])
         if probability < 0:
-            raise ValueError(f"{where}: sampling.{name}.probability must be >= 0, got {probability}")
+            raise ValueError(f"{where}: locations.{name}.probability must be >= 0, got {probability}")
         classes = spec["classes"]
         if classes == UNANNOTATED:
             values = (IGNORE_INDEX,)
@@ -47,15 +48,15 @@ def parse_groups(sampling: Mapping[str, Any] | None, num_classes: int | None, wh
             values = tuple(int(c) for c in classes)
             bad = [c for c in values if num_classes is not None and not 0 <= c < num_classes]
             if not values or bad:
-                raise ValueError(f"{where}: sampling.{name}.classes must be class ids in 0..{num_classes - 1} "
+                raise ValueError(f"{where}: locations.{name}.classes must be class ids in 0..{num_classes - 1} "
                                  f"or '{UNANNOTATED}', got {classes}")
         groups.append(ClassGroup(str(name), probability, values))
     if sum(g.probability for g in groups) <= 0:
-        raise ValueError(f"{where}: the sampling probabilities sum to 0")
+        raise ValueError(f"{where}: the locations probabilities sum to 0")
     return groups
 
 
-class PixelSampler:
+class MapPoints:
     """Uniform level-0 points over the pixels of a low-resolution map whose value is in ``values``.
 
     Map pixel ``(i, j)`` covers level-0 ``[j d, (j + 1) d) x [i d, (i + 1) d)``. Only a running

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from stedm.data.sampler import MixedEpochSampler
+from stedm.data.mixing import MixedEpochSampler
 
 
 def test_epoch_length_and_mix_follow_ratios():

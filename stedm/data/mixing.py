@@ -1,4 +1,4 @@
-"""The training sampler: ratio-mixed, with replacement, distributed and resumable.
+"""Epoch mixing: the training sampler, ratio-mixed, with replacement, distributed and resumable.
 
 Each epoch, entry ``j`` (of size ``n_j``) contributes ``int(samples * ratios[j])`` indices drawn
 uniformly *with replacement* (``ratios`` sets both epoch length and mix; docs/method.md, 3 Data).

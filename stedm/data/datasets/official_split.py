@@ -90,14 +90,14 @@ def pair_by_stem(images: list[Path], annotations: list[Path], annotation_stem: C
 
 
 class OfficialSplitDataset(SegmentationDataset):
-    """Whole images with instance annotations, split by the rules of :mod:`stedm.data.official_split`."""
+    """Whole images with instance annotations, split by the rules of :mod:`stedm.data.datasets.official_split`."""
 
     layout = ""  # the expected on-disk layout, quoted in error messages
 
     def __init__(self, name: str, role: str, split: str, num_classes: int | None, transform: Callable | None,
-                 style_sampler: Any | None, class_train_samples: int | None, val_fraction: float, seed: int) -> None:
+                 style_source: Any | None, class_train_samples: int | None, val_fraction: float, seed: int) -> None:
         super().__init__(name=name, split=split, num_classes=num_classes, transform=transform,
-                         style_sampler=style_sampler)
+                         style_source=style_source)
         check_role(role, f"dataset '{name}'")
         if num_classes is not None and num_classes != 2:
             raise ValueError(f"dataset '{name}' has 2 classes (background, foreground); got num_classes={num_classes}")

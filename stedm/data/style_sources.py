@@ -1,10 +1,11 @@
-"""Style samplers: which images the style encoder sees for a training sample (docs/method.md, 1 STEDM).
+"""Style sources: which images the style encoder sees for a training sample (docs/method.md, 1 STEDM),
+chosen by the ``style_sampling`` config group (its ``source`` key).
 
-Interface: a sampler is called as ``sampler(dataset, record, image, rng)`` with the dataset the
+Interface: a source is called as ``source(dataset, record, image, rng)`` with the dataset the
 sample comes from, its loaded :class:`~stedm.data.base.Record` (``record.meta`` carries e.g. a
 slide location), the target image *after* augmentation (uint8 H x W x 3) and a numpy
 ``Generator``; it returns ``num_images`` uint8 images of the target's size. ``requires`` names
-dataset capabilities the sampler needs (slide samplers need ``"slide"``), checked before
+dataset capabilities the source needs (slide sources need ``"slide"``), checked before
 training starts by :func:`check_compatible`.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 from stedm.data.transforms import seed_transform
 
 
-class StyleSampler:
+class StyleSource:
     """Base class; ``num_images = 0`` means no style key in the sample."""
 
     name = "base"
@@ -30,7 +31,7 @@ class StyleSampler:
         raise NotImplementedError
 
 
-class NoStyle(StyleSampler):
+class NoStyle(StyleSource):
     """``none``: no style images; the model uses its null (zero) style vector."""
 
     name = "none"
@@ -40,7 +41,7 @@ class NoStyle(StyleSampler):
         return []
 
 
-class AugmentedStyle(StyleSampler):
+class AugmentedStyle(StyleSource):
     """``augmented``: the target image itself, strongly augmented (for natural images)."""
 
     name = "augmented"
@@ -64,17 +65,17 @@ class AugmentedStyle(StyleSampler):
         return [self.transform(image=image)["image"]]
 
 
-def check_compatible(sampler: StyleSampler, dataset: Any, entry: str) -> None:
-    """Refuse a sampler whose needs the dataset cannot meet, naming both and the fix."""
-    missing = set(sampler.requires) - set(getattr(dataset, "capabilities", ()))
+def check_compatible(source: StyleSource, dataset: Any, entry: str) -> None:
+    """Refuse a source whose needs the dataset cannot meet, naming both and the fix."""
+    missing = set(source.requires) - set(getattr(dataset, "capabilities", ()))
     if missing:
         raise ValueError(
-            f"style_sampling={sampler.name} needs a dataset with {sorted(missing)} "
+            f"style_sampling={source.name} needs a dataset with {sorted(missing)} "
             f"(whole-slide data), but entry '{entry}' ({type(dataset).__name__}) has none; "
             "choose style_sampling=none or augmented for this data")
 
 
-class NearbyStyle(StyleSampler):
+class NearbyStyle(StyleSource):
     """``nearby``: one patch of the target's slide, centred within ``relative_dist`` patch
     extents (level-0 ``patch_size x downsample``) of the target's centre, uniformly per axis,
     and on tissue. Of ``tries`` candidate centres the first on tissue is read; when none is,
@@ -97,7 +98,7 @@ class NearbyStyle(StyleSampler):
         return dataset.read_style_patches(record, chosen[None])
 
 
-class MultiPatchStyle(StyleSampler):
+class MultiPatchStyle(StyleSource):
     """``mp``: ``num_patches`` patches from uniformly random tissue locations of the target's
     own slide (the original indexed another slide's tissue mask)."""
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from stedm.data.official_split import ImageItem, OfficialSplitDataset, pair_by_stem
+from stedm.data.datasets.official_split import ImageItem, OfficialSplitDataset, pair_by_stem
 from stedm.data.rasterise import Polygon, open_ring, rasterise_polygons
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -58,7 +58,7 @@ def read_tiff_rgb(path: Path) -> np.ndarray:
 
 
 class MoNuSegDataset(OfficialSplitDataset):
-    """MoNuSeg in its official layout; roles and splits follow :mod:`stedm.data.official_split`.
+    """MoNuSeg in its official layout; roles and splits follow :mod:`stedm.data.datasets.official_split`.
 
     Expected layout (folder names are arguments; the defaults are the short form)::
 
@@ -87,7 +87,7 @@ class MoNuSegDataset(OfficialSplitDataset):
         name: str = "monuseg",
         num_classes: int | None = 2,
         transform: Callable | None = None,
-        style_sampler: Any | None = None,
+        style_source: Any | None = None,
     ) -> None:
         self.root = Path(root)
         self.train_images = self.root / train_dir / image_dir
@@ -95,7 +95,7 @@ class MoNuSegDataset(OfficialSplitDataset):
         self.test_folder = self.root / test_dir
         self.layout = (f"{self.train_images}/*.tif, {self.train_annotations}/*.xml, {self.test_folder}/*.tif + *.xml "
                        "(set train_dir/image_dir/annotation_dir/test_dir to your folder names)")
-        super().__init__(name, role, split, num_classes, transform, style_sampler,
+        super().__init__(name, role, split, num_classes, transform, style_source,
                          class_train_samples, val_fraction, seed)
 
     def _list(self, folder: Path, suffixes: tuple[str, ...]) -> list[Path]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from stedm.data.io import read_image, read_mask
-from stedm.data.official_split import ImageItem, OfficialSplitDataset, natural_key, pair_by_stem
+from stedm.data.datasets.official_split import ImageItem, OfficialSplitDataset, natural_key, pair_by_stem
 
 GLAS_LAYOUT = ("<root>/train_1.bmp + <root>/train_1_anno.bmp, ..., testA_*.bmp + testA_*_anno.bmp, "
                "testB_*.bmp + testB_*_anno.bmp (the unpacked 'Warwick QU Dataset (Released 2016_07_08)' folder; "
@@ -21,7 +21,7 @@ _IMAGE_NAME = re.compile(r"^(train|testA|testB)_\d+$")
 class GlasDataset(OfficialSplitDataset):
     """GlaS in its official layout (all images and ``*_anno.bmp`` instance maps in one folder).
 
-    Roles and splits follow :mod:`stedm.data.official_split`: ``test`` = ``test_parts``
+    Roles and splits follow :mod:`stedm.data.datasets.official_split`: ``test`` = ``test_parts``
     (default testA + testB), ``train``/``val`` come from the 85 official training images. The
     sample mask is ``instances > 0``; ``instances`` (the annotation's gland ids) are kept; the
     case id is the image name (e.g. ``testA_12``).
@@ -41,14 +41,14 @@ class GlasDataset(OfficialSplitDataset):
         name: str = "glas",
         num_classes: int | None = 2,
         transform: Callable | None = None,
-        style_sampler: Any | None = None,
+        style_source: Any | None = None,
     ) -> None:
         self.root = Path(root)
         bad_parts = set(test_parts) - {"testA", "testB"}
         if bad_parts or not test_parts:
             raise ValueError(f"test_parts must be a non-empty subset of ('testA', 'testB'), got {list(test_parts)}")
         self.test_parts = tuple(test_parts)
-        super().__init__(name, role, split, num_classes, transform, style_sampler,
+        super().__init__(name, role, split, num_classes, transform, style_source,
                          class_train_samples, val_fraction, seed)
 
     def _find(self, parts: Sequence[str]) -> list[ImageItem]:
