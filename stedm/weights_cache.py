@@ -24,8 +24,9 @@ from typing import Any
 
 from torch import Tensor
 
+from stedm.fileio import file_digest
 from stedm.models.cards import card_path, read_card, write_weights
-from stedm.models.weights import extract_state_dict, sha256_of
+from stedm.models.weights import extract_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def fetch(name: str, sha256: str | None = None, source_file: str | Path | None =
         say(f"{name}: downloading {url}")
         download(url, downloaded, progress=progress)
         trusted = True  # we fetched it; it is verified next, before it is unpickled
-    digest = sha256_of(downloaded)
+    digest = file_digest(downloaded)
     try:
         how = check_digest(digest, entry, sha256, recorded, url)
     except ValueError:

@@ -25,11 +25,6 @@ class UnsafeFileError(ValueError):
     """A pickle that ``weights_only`` loading refuses: reading it fully could run code."""
 
 
-def sha256_of(path: str | Path) -> str:
-    """sha256 of a file: :func:`stedm.fileio.file_digest` (:mod:`stedm.weights_cache` calls it by this name)."""
-    return file_digest(path)
-
-
 def safetensors_ready(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``tensors`` as safetensors writes them: detached, on the CPU, contiguous, and no two sharing
     memory (safetensors refuses those: the second of a pair is cloned)."""
