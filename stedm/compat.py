@@ -104,9 +104,9 @@ def stale_keys(config: dict[str, Any]) -> list[str]:
     found = {}
     for path in _leaves(config):
         for old, new in RENAMED_KEYS.items():
-            parts = old.split(".")
-            if len(path) >= len(parts) and all(o in ("*", p) for o, p in zip(parts, path)):
-                found[".".join(path[:len(parts)])] = ".".join(_renamed(path[:len(parts)], {old: new}))
+            key = path[:len(old.split("."))]
+            if _renamed(key, {old: new}) != key:
+                found[".".join(key)] = ".".join(_renamed(key, {old: new}))
     return [f"{old} -> {new}" for old, new in found.items()]
 
 
