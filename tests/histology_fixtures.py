@@ -50,8 +50,9 @@ def write_monuseg_xml(path: Path, polygons: list[list[tuple[float, float]]]) -> 
     ET.ElementTree(annotations).write(path)
 
 
-RECTANGLE = [(1.5, 2.5), (5.5, 2.5), (5.5, 4.5), (1.5, 4.5)]  # pixel centres x 2..5, y 3..4: 8 pixels
-TRIANGLE = [(10.5, 10.5), (10.5, 20.0), (20.0, 10.5)]  # centres x, y >= 11 with x + y <= 30: 45 pixels
+# pixel (x, y) is centred at (x + 0.5, y + 0.5); a centre on a left/top edge is inside (stedm/data/rasterise.py)
+RECTANGLE = [(1.5, 2.5), (5.5, 2.5), (5.5, 4.5), (1.5, 4.5)]  # pixels x 1..4, y 2..3: 8 pixels
+TRIANGLE = [(10.5, 10.5), (10.5, 20.0), (20.0, 10.5)]  # pixels x, y >= 10 with x + y <= 29: 55 pixels
 
 
 def write_monuseg(root: Path, train_dir: str = "train", test_dir: str = "test", train: int = 3, test: int = 1,
