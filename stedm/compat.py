@@ -45,6 +45,9 @@ RENAMED_KEYS: dict[str, str] = {
     "data.sampling": "data.locations",
     "data.dataset.*.sampling": "data.dataset.*.locations",
 }
+#: keys of a QC report (``python -m stedm.qc``'s ``report.json``): old -> new
+RENAMED_QC_KEYS: dict[str, str] = {"layout_fidelity_iou_fg": "layout_fidelity_iou_mean",
+                                   "ceiling_real_test_iou_fg": "ceiling_real_test_iou_mean"}
 
 Path = tuple[str, ...]
 
@@ -105,8 +108,9 @@ def stale_keys(config: dict[str, Any]) -> list[str]:
     for path in _leaves(config):
         for old, new in RENAMED_KEYS.items():
             key = path[:len(old.split("."))]
-            if _renamed(key, {old: new}) != key:
-                found[".".join(key)] = ".".join(_renamed(key, {old: new}))
+            renamed = _renamed(key, {old: new})
+            if renamed != key:
+                found[".".join(key)] = ".".join(renamed)
     return [f"{old} -> {new}" for old, new in found.items()]
 
 
@@ -119,6 +123,11 @@ def refuse_stale_keys(cfg: Any) -> None:
     if stale:
         raise ValueError("this config uses keys that have been renamed; rename them in your config files "
                          "(conf/) or overrides: " + "; ".join(stale))
+
+
+def upgrade_qc_report(report: dict[str, Any]) -> dict[str, Any]:
+    """A QC report written by an earlier version, at today's keys (the same values)."""
+    return {RENAMED_QC_KEYS.get(key, key): value for key, value in report.items()}
 
 
 def upgrade_model_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from stedm.compat import upgrade_qc_report
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SEED = "@SEED@"  # placeholder: a seed locally, ${seed} in a SLURM sweep
@@ -61,9 +63,6 @@ COMPARISONS = (("B", "A"), ("C", "A"), ("D", "A"), ("C", "D"), ("C", "B"), ("E",
 METRICS = (("iou_fg", "test IoU fg"), ("case_iou_fg_mean", "per-case IoU fg"))
 QC_KEYS = (("layout_fidelity_iou_mean", "layout IoU"), ("ceiling_real_test_iou_mean", "ceiling"),
            ("style_ratio", "style ratio"), ("kid_x1e3_synthetic_vs_real", "KID x1e3"))
-QC_OLD_KEYS = {"layout_fidelity_iou_mean": "layout_fidelity_iou_fg",
-               "ceiling_real_test_iou_mean": "ceiling_real_test_iou_fg"}
-"""The names QC reports written before the rename give those numbers (still tabulated)."""
 OWN_KEYS = {"seeds": "3", "arms": ",".join(ARMS), "hed_jitter": "0.2", "ratios": "0.5,0.5", "num_pairs": "64",
             "tabulate_only": "false"}
 
@@ -317,8 +316,8 @@ def collect(options: Options, steps: list[Step]) -> dict[str, Any]:
         for key, path in files.items():
             data = json.loads(path.read_text())
             if key.startswith("qc_"):
-                results["qc"].setdefault(key[3:], []).append({k: data.get(k, data.get(QC_OLD_KEYS.get(k, k)))
-                                                              for k, _ in QC_KEYS})
+                data = upgrade_qc_report(data)  # reports written before a key moved still tabulate
+                results["qc"].setdefault(key[3:], []).append({k: data.get(k) for k, _ in QC_KEYS})
             else:
                 results["arms"].setdefault(key, []).append({k: data.get(k) for k, _ in METRICS})
     for seed, why in missing.items():

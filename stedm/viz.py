@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+if TYPE_CHECKING:
+    from stedm.data.pair_folder import Pairs
+
 # Background black, then well-separated colours (Sasha Trubetskoy's "20 distinct colours").
 _BASE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
                   [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60],
                   [250, 190, 212], [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200],
                   [128, 0, 0], [170, 255, 195], [128, 128, 0], [255, 215, 180], [0, 0, 128]],
                  dtype=np.uint8)
-if TYPE_CHECKING:
-    from stedm.data.pair_folder import Pairs
-
 IGNORE_COLOUR = np.array([128, 128, 128], dtype=np.uint8)  # pixels outside 0..num_classes-1
 
 

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import compose_in
-from stedm.compat import MOVED_MODULES, upgrade_flat, upgrade_model_config
+from stedm.compat import MOVED_MODULES, upgrade_flat, upgrade_model_config, upgrade_qc_report
 from stedm.data.pair_folder import SETTINGS
 from stedm.resume import identity
 from stedm.run import prepare
@@ -115,3 +115,14 @@ def test_identity_of_a_run_written_before_the_move_reads_at_the_new_keys(tmp_pat
     finetune = identity(compose_in(tmp_path, "finetune_ssl", ["preset=tiny", "from_scratch=true"]))
     written_before = {**finetune, "model.loss._target_": "stedm.losses.ssl.FocalSSLoss"}
     assert upgrade_flat(written_before) == finetune
+
+
+def test_a_qc_report_written_before_the_rename_tabulates_at_the_new_keys():
+    from stedm.experiment import QC_KEYS
+
+    old = {"layout_fidelity_iou_fg": 0.61, "ceiling_real_test_iou_fg": 0.83, "style_ratio": 1.2, "pairs": 64}
+    upgraded = upgrade_qc_report(old)
+    assert {k: upgraded.get(k) for k, _ in QC_KEYS} == {"layout_fidelity_iou_mean": 0.61,
+                                                        "ceiling_real_test_iou_mean": 0.83, "style_ratio": 1.2,
+                                                        "kid_x1e3_synthetic_vs_real": None}
+    assert upgrade_qc_report(upgraded) == upgraded
